@@ -1,0 +1,545 @@
+//! Configuration: built once from layers (built-in defaults, an optional file, then environment
+//! variables), validated into typed values at start-up. No other module reads the environment.
+//!
+//! Layers, lowest first:
+//! 1. `config/default.toml` (compiled into the binary, so the binary runs anywhere);
+//! 2. the seed's plain variable names (`REDIS_URL`, `WEB3_PROVIDER_URL`, ...), for operators
+//!    who configured the earlier deployer;
+//! 3. a file given with `--config`;
+//! 4. `HOKUSAI__SECTION__KEY` variables (`HOKUSAI__CHAIN__RPC_URLS=a,b` for lists).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use alloy::primitives::Address;
+use serde::{Deserialize, Serialize};
+
+/// The defaults every deployment starts from.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Seed 001's variable names and the keys they set (lower precedence than `HOKUSAI__` ones).
+const SEED_ALIASES: &[(&str, &str)] = &[
+    ("REDIS_URL", "redis.url"),
+    ("WEB3_PROVIDER_URL", "chain.rpc_urls"),
+    ("DEPLOYER_PRIVATE_KEY", "chain.private_key"),
+    ("MODEL_REGISTRY_ADDRESS", "chain.model_registry_address"),
+    ("TOKEN_MANAGER_ADDRESS", "chain.token_manager_address"),
+    ("LOG_LEVEL", "log.level"),
+    ("MAX_RETRIES", "pipeline.max_retries"),
+    ("DEPLOYMENT_TIMEOUT", "chain.receipt_timeout_secs"),
+    ("INBOUND_QUEUE", "queues.inbound"),
+    ("OUTBOUND_QUEUE", "queues.outbound"),
+    ("DLQ_NAME", "queues.dlq"),
+    ("PROCESSING_QUEUE", "queues.processing"),
+];
+
+/// Keys that hold lists; their environment values are comma separated.
+const LIST_KEYS: &[&str] = &["chain.rpc_urls"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("configuration key `{key}`: cannot read {path}: {source}")]
+    File {
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// A secret value: prints as `[redacted]` in `Debug` and `Display`, and serializes the same way.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The only way to read the value; grep for it to audit every use.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
+}
+
+/// Replaces the user-info part and any query string of a URL so it can be logged.
+pub fn mask_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) => {
+            if !u.username().is_empty() || u.password().is_some() {
+                let _ = u.set_username("***");
+                let _ = u.set_password(None);
+            }
+            if u.query().is_some() {
+                u.set_query(Some("***"));
+            }
+            // API keys often travel as the last path segment (Infura, Alchemy).
+            let segments: Vec<String> = u
+                .path_segments()
+                .map(|s| s.map(str::to_owned).collect())
+                .unwrap_or_default();
+            if let Some(last) = segments.last() {
+                if last.len() >= 16 && last.chars().all(|c| c.is_ascii_alphanumeric()) {
+                    let mut masked = segments.clone();
+                    *masked.last_mut().expect("non-empty: checked by `last`") = "***".into();
+                    u.set_path(&masked.join("/"));
+                }
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable url>".into(),
+    }
+}
+
+#[derive(Clone, Deserialize, Serialize)]
+pub struct RedisSettings {
+    /// `redis://`, `rediss://` (TLS), with optional `user:password@`.
+    #[serde(serialize_with = "ser_masked_url")]
+    pub url: String,
+    /// Timeout of every non-blocking command.
+    pub command_timeout_ms: u64,
+    /// One BLMOVE's wait; bounds how long shutdown waits for the consumer.
+    pub blocking_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct QueueSettings {
+    pub inbound: String,
+    /// Prefix of the per-worker processing lists.
+    pub processing: String,
+    pub dlq: String,
+    pub outbound: String,
+    /// Failure events for monitoring (seed 001 §6.5).
+    pub failures: String,
+    /// Prefix of journal, lock and heartbeat keys.
+    pub state_prefix: String,
+}
+
+#[derive(Clone, Deserialize, Serialize)]
+pub struct ChainSettings {
+    #[serde(serialize_with = "ser_masked_urls")]
+    pub rpc_urls: Vec<String>,
+    pub chain_id: Option<u64>,
+    pub model_registry_address: String,
+    pub token_manager_address: String,
+    pub private_key: Option<Secret>,
+    pub private_key_file: Option<PathBuf>,
+    pub confirmations: u64,
+    pub rpc_timeout_ms: u64,
+    pub receipt_timeout_secs: u64,
+    pub poll_interval_ms: u64,
+    pub gas_limit_margin_percent: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct PipelineSettings {
+    pub concurrency: usize,
+    pub max_retries: u32,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    pub min_improvement_percentage: f64,
+    pub max_message_bytes: usize,
+    pub model_lock_ttl_secs: u64,
+    /// Stable id of this process (a pod name); random when absent.
+    pub worker_id: Option<String>,
+    /// A worker whose heartbeat is older than this is presumed dead and its list requeued.
+    #[serde(default = "default_heartbeat_ttl")]
+    pub heartbeat_ttl_secs: u64,
+}
+
+fn default_heartbeat_ttl() -> u64 {
+    15
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct LogSettings {
+    pub level: String,
+    pub format: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct Network {
+    pub name: String,
+    #[serde(default)]
+    pub explorer: String,
+}
+
+#[derive(Clone, Deserialize, Serialize)]
+pub struct Settings {
+    pub redis: RedisSettings,
+    pub queues: QueueSettings,
+    pub chain: ChainSettings,
+    pub pipeline: PipelineSettings,
+    pub log: LogSettings,
+    #[serde(default)]
+    pub networks: BTreeMap<String, Network>,
+}
+
+/// `Debug` for settings that hold URLs or secrets goes through the masking serializer.
+macro_rules! debug_via_serialize {
+    ($($t:ty),*) => {$(
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match serde_json::to_string(self) {
+                    Ok(s) => f.write_str(&s),
+                    Err(_) => f.write_str(stringify!($t)),
+                }
+            }
+        }
+    )*};
+}
+debug_via_serialize!(RedisSettings, ChainSettings, Settings);
+
+fn ser_masked_url<S: serde::Serializer>(u: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&mask_url(u))
+}
+
+fn ser_masked_urls<S: serde::Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(urls.len()))?;
+    for u in urls {
+        seq.serialize_element(&mask_url(u))?;
+    }
+    seq.end()
+}
+
+/// Where configuration comes from; tests pass their own variables instead of the process's.
+pub struct Sources<'a> {
+    pub file: Option<&'a Path>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Sources<'_> {
+    /// The process environment and an optional file: what `main` uses.
+    pub fn process(file: Option<&Path>) -> Sources<'_> {
+        Sources {
+            file,
+            env: std::env::vars().collect(),
+        }
+    }
+}
+
+impl Settings {
+    /// Loads and validates every layer; errors name the key at fault.
+    pub fn load(sources: Sources<'_>) -> Result<Settings, ConfigError> {
+        use config::{Config, Environment, File, FileFormat};
+
+        // The seed's names form their own layer: above the defaults, below files and HOKUSAI__.
+        let mut aliases = Config::builder();
+        for (var, key) in SEED_ALIASES {
+            if let Some((_, v)) = sources.env.iter().find(|(k, _)| k == var) {
+                aliases = if LIST_KEYS.contains(key) {
+                    aliases.set_override(*key, split_list(v))?
+                } else {
+                    aliases.set_override(*key, v.as_str())?
+                };
+            }
+        }
+        let mut b = Config::builder()
+            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
+            .add_source(aliases.build()?);
+        if let Some(path) = sources.file {
+            // A file may hold anything but the key: secrets live in the environment or a key file.
+            let only_file = Config::builder()
+                .add_source(File::from(path).required(true))
+                .build()?;
+            if only_file.get_string("chain.private_key").is_ok() {
+                return Err(invalid(
+                    "chain.private_key",
+                    "must not be set in a configuration file; use HOKUSAI__CHAIN__PRIVATE_KEY or chain.private_key_file",
+                ));
+            }
+            b = b.add_source(File::from(path).required(true));
+        }
+        let mut env = Environment::with_prefix("HOKUSAI")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .source(Some(sources.env.iter().cloned().collect()));
+        for key in LIST_KEYS {
+            env = env.with_list_parse_key(key);
+        }
+        let settings: Settings = b.add_source(env).build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.chain.rpc_urls.is_empty() {
+            return Err(invalid(
+                "chain.rpc_urls",
+                "at least one RPC URL is required",
+            ));
+        }
+        for u in &self.chain.rpc_urls {
+            let parsed = url::Url::parse(u)
+                .map_err(|e| invalid("chain.rpc_urls", format!("{}: {e}", mask_url(u))))?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(invalid(
+                    "chain.rpc_urls",
+                    format!("{}: only http and https are supported", mask_url(u)),
+                ));
+            }
+        }
+        let r =
+            url::Url::parse(&self.redis.url).map_err(|e| invalid("redis.url", e.to_string()))?;
+        if !matches!(
+            r.scheme(),
+            "redis" | "rediss" | "redis-cluster" | "redis-sentinel"
+        ) {
+            return Err(invalid("redis.url", "scheme must be redis:// or rediss://"));
+        }
+        if self.redis.command_timeout_ms <= self.redis.blocking_timeout_secs * 1000 {
+            return Err(invalid(
+                "redis.command_timeout_ms",
+                "must be longer than redis.blocking_timeout_secs, or every BLMOVE would time out",
+            ));
+        }
+        for (key, v) in [
+            ("queues.inbound", &self.queues.inbound),
+            ("queues.processing", &self.queues.processing),
+            ("queues.dlq", &self.queues.dlq),
+            ("queues.outbound", &self.queues.outbound),
+            ("queues.failures", &self.queues.failures),
+            ("queues.state_prefix", &self.queues.state_prefix),
+        ] {
+            if v.trim().is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        if self.queues.inbound == self.queues.dlq || self.queues.inbound == self.queues.outbound {
+            return Err(invalid(
+                "queues.inbound",
+                "must differ from the DLQ and outbound queue",
+            ));
+        }
+        if self.pipeline.concurrency == 0 {
+            return Err(invalid("pipeline.concurrency", "must be at least 1"));
+        }
+        if !self.pipeline.min_improvement_percentage.is_finite() {
+            return Err(invalid(
+                "pipeline.min_improvement_percentage",
+                "must be a finite number",
+            ));
+        }
+        if self.pipeline.max_message_bytes < 256 {
+            return Err(invalid(
+                "pipeline.max_message_bytes",
+                "must be at least 256",
+            ));
+        }
+        if self.pipeline.heartbeat_ttl_secs < 3 {
+            return Err(invalid("pipeline.heartbeat_ttl_secs", "must be at least 3"));
+        }
+        if self.chain.poll_interval_ms == 0 {
+            return Err(invalid("chain.poll_interval_ms", "must be at least 1"));
+        }
+        if let Some(id) = &self.pipeline.worker_id {
+            if id.is_empty()
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(invalid(
+                    "pipeline.worker_id",
+                    "letters, digits, '-', '_' and '.' only",
+                ));
+            }
+        }
+        if !matches!(self.log.format.as_str(), "json" | "pretty" | "auto") {
+            return Err(invalid("log.format", "one of json, pretty, auto"));
+        }
+        for k in self.networks.keys() {
+            k.parse::<u64>()
+                .map_err(|_| invalid("networks", format!("`{k}` is not a chain id")))?;
+        }
+        Ok(())
+    }
+
+    /// The contract addresses, required by everything that deploys.
+    pub fn contract_addresses(&self) -> Result<(Address, Address), ConfigError> {
+        Ok((
+            parse_address(
+                "chain.model_registry_address",
+                &self.chain.model_registry_address,
+            )?,
+            parse_address(
+                "chain.token_manager_address",
+                &self.chain.token_manager_address,
+            )?,
+        ))
+    }
+
+    /// The deployer key, from the environment or a file; `None` when neither is configured.
+    pub fn private_key(&self) -> Result<Option<Secret>, ConfigError> {
+        if let Some(k) = &self.chain.private_key {
+            return Ok(Some(k.clone()));
+        }
+        let Some(path) = &self.chain.private_key_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+            key: "chain.private_key_file",
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Some(Secret::new(text.trim().to_owned())))
+    }
+
+    pub fn rpc_timeout(&self) -> Duration {
+        Duration::from_millis(self.chain.rpc_timeout_ms)
+    }
+
+    /// Name and explorer of a chain; unknown chains are named after their id, never refused.
+    pub fn network(&self, chain_id: u64) -> Network {
+        self.networks
+            .get(&chain_id.to_string())
+            .cloned()
+            .unwrap_or_else(|| Network {
+                name: format!("chain-{chain_id}"),
+                explorer: String::new(),
+            })
+    }
+}
+
+fn parse_address(key: &'static str, v: &str) -> Result<Address, ConfigError> {
+    if v.trim().is_empty() {
+        return Err(invalid(
+            key,
+            "is required (run `hokusai-deployer contracts deploy` on a fresh chain)",
+        ));
+    }
+    v.trim()
+        .parse::<Address>()
+        .map_err(|e| invalid(key, format!("not an address: {e}")))
+}
+
+fn split_list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::load(Sources {
+            file: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn defaults_are_the_seed_queue_names() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.queues.inbound, "hokusai:model_ready_queue");
+        assert_eq!(s.queues.processing, "hokusai:model_ready_queue:processing");
+        assert_eq!(s.queues.dlq, "hokusai:model_ready_queue:dlq");
+        assert_eq!(s.queues.outbound, "hokusai:token_deployed_queue");
+    }
+
+    #[test]
+    fn hokusai_variables_override_seed_aliases() {
+        let s = load(&[
+            ("REDIS_URL", "redis://alias:1"),
+            ("HOKUSAI__REDIS__URL", "redis://direct:2"),
+            ("WEB3_PROVIDER_URL", "http://a:1,http://b:2"),
+            ("HOKUSAI__PIPELINE__CONCURRENCY", "7"),
+        ])
+        .unwrap();
+        assert_eq!(s.redis.url, "redis://direct:2");
+        assert_eq!(s.chain.rpc_urls, vec!["http://a:1", "http://b:2"]);
+        assert_eq!(s.pipeline.concurrency, 7);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = load(&[("HOKUSAI__PIPELINE__CONCURRENCY", "0")]).unwrap_err();
+        assert!(e.to_string().contains("pipeline.concurrency"), "{e}");
+        let e = load(&[("HOKUSAI__CHAIN__RPC_URLS", "ws://x")]).unwrap_err();
+        assert!(e.to_string().contains("chain.rpc_urls"), "{e}");
+        let s = load(&[]).unwrap();
+        let e = s.contract_addresses().unwrap_err();
+        assert!(
+            e.to_string().contains("chain.model_registry_address"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn key_in_a_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[chain]\nprivate_key = \"0xabc\"\n").unwrap();
+        let e = Settings::load(Sources {
+            file: Some(&p),
+            env: vec![],
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("chain.private_key"), "{e}");
+    }
+
+    #[test]
+    fn secrets_and_url_credentials_never_print() {
+        let s = load(&[
+            ("HOKUSAI__CHAIN__PRIVATE_KEY", "0xdeadbeefsecret"),
+            ("HOKUSAI__REDIS__URL", "redis://user:hunter2@h:6379"),
+            (
+                "HOKUSAI__CHAIN__RPC_URLS",
+                "https://mainnet.infura.io/v3/abcdef0123456789abcdef",
+            ),
+        ])
+        .unwrap();
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("deadbeefsecret"));
+        let json = serde_json::to_string(&s).unwrap();
+        for secret in ["deadbeefsecret", "hunter2", "abcdef0123456789abcdef"] {
+            assert!(!json.contains(secret), "{secret} leaked in {json}");
+        }
+    }
+
+    #[test]
+    fn unknown_chain_is_named_by_id() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.network(137).name, "polygon");
+        assert_eq!(s.network(999).name, "chain-999");
+    }
+}

@@ -1,0 +1,222 @@
+//! The write-ahead deployment journal: one Redis hash per model, written before each
+//! transaction is broadcast and after it lands, so that a redelivered message resumes instead
+//! of starting over. A signed transaction is re-broadcast byte-identical (same hash) and
+//! rebuilt only once its nonce is provably used by another transaction, when it can no longer
+//! land. A finished model keeps its event, so a redelivery re-publishes the identical event.
+
+use std::collections::HashMap;
+
+use alloy::primitives::{Address, Bytes, B256};
+use fred::prelude::*;
+
+use crate::message::ModelReady;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+    #[error("journal of model {model_id} is corrupt: field `{field}`")]
+    Corrupt {
+        model_id: String,
+        field: &'static str,
+    },
+}
+
+/// Which of a model's two transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Deploy,
+    Register,
+}
+
+impl Step {
+    fn prefix(self) -> &'static str {
+        match self {
+            Step::Deploy => "deploy",
+            Step::Register => "register",
+        }
+    }
+}
+
+/// A signed transaction as journaled before broadcast.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TxRecord {
+    pub signer: Address,
+    pub nonce: u64,
+    pub hash: B256,
+    /// The EIP-2718 encoding, re-broadcast as is.
+    pub raw: Bytes,
+}
+
+/// Everything known about one model's deployment.
+#[derive(Debug, Clone, Default)]
+pub struct Entry {
+    /// The message that started the deployment.
+    pub message_id: Option<String>,
+    /// The message's validated content, so the event never depends on a later message.
+    pub model: Option<ModelReady>,
+    pub first_attempt_at: Option<String>,
+    pub deploy: Option<TxRecord>,
+    /// The token's address, predicted from signer and nonce before the deployment is mined.
+    pub token_address: Option<Address>,
+    pub register: Option<TxRecord>,
+    /// The published `token_deployed` event, verbatim.
+    pub event: Option<String>,
+}
+
+impl Entry {
+    pub fn tx(&self, step: Step) -> Option<&TxRecord> {
+        match step {
+            Step::Deploy => self.deploy.as_ref(),
+            Step::Register => self.register.as_ref(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Journal {
+    client: Client,
+    prefix: String,
+    /// Off only in the test that proves the journal is what prevents double deployments.
+    enabled: bool,
+}
+
+impl Journal {
+    pub fn new(client: Client, state_prefix: &str, enabled: bool) -> Journal {
+        Journal {
+            client,
+            prefix: format!("{state_prefix}:journal"),
+            enabled,
+        }
+    }
+
+    fn key(&self, model_id: &str) -> String {
+        format!("{}:{model_id}", self.prefix)
+    }
+
+    pub async fn load(&self, model_id: &str) -> Result<Entry, JournalError> {
+        if !self.enabled {
+            return Ok(Entry::default());
+        }
+        let h: HashMap<String, String> = self.client.hgetall(self.key(model_id)).await?;
+        let corrupt = |field| JournalError::Corrupt {
+            model_id: model_id.to_owned(),
+            field,
+        };
+        let tx = |step: Step| -> Result<Option<TxRecord>, JournalError> {
+            let p = step.prefix();
+            let Some(raw) = h.get(&format!("{p}_raw")) else {
+                return Ok(None);
+            };
+            let get = |f: &'static str| h.get(&format!("{p}_{f}")).ok_or_else(|| corrupt(f));
+            Ok(Some(TxRecord {
+                signer: get("signer")?.parse().map_err(|_| corrupt("signer"))?,
+                nonce: get("nonce")?.parse().map_err(|_| corrupt("nonce"))?,
+                hash: get("hash")?.parse().map_err(|_| corrupt("hash"))?,
+                raw: raw.parse().map_err(|_| corrupt("raw"))?,
+            }))
+        };
+        Ok(Entry {
+            message_id: h.get("message_id").cloned(),
+            model: h
+                .get("model")
+                .map(|m| serde_json::from_str(m))
+                .transpose()
+                .map_err(|_| corrupt("model"))?,
+            first_attempt_at: h.get("first_attempt_at").cloned(),
+            deploy: tx(Step::Deploy)?,
+            token_address: h
+                .get("token_address")
+                .map(|a| a.parse())
+                .transpose()
+                .map_err(|_| corrupt("token_address"))?,
+            register: tx(Step::Register)?,
+            event: h.get("event").cloned(),
+        })
+    }
+
+    /// Opens the record of a model's deployment (the caller holds the model's lock).
+    pub async fn begin(
+        &self,
+        model: &ModelReady,
+        message_id: &str,
+        at: &str,
+    ) -> Result<(), JournalError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let model_json = serde_json::to_string(model).expect("ModelReady always serializes");
+        let _: () = self
+            .client
+            .hset(
+                self.key(&model.model_id),
+                vec![
+                    ("message_id", message_id),
+                    ("model", model_json.as_str()),
+                    ("first_attempt_at", at),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records a signed transaction; called before it is broadcast.
+    pub async fn record_tx(
+        &self,
+        model_id: &str,
+        step: Step,
+        rec: &TxRecord,
+        token_address: Option<Address>,
+    ) -> Result<(), JournalError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let p = step.prefix();
+        let mut fields = vec![
+            (format!("{p}_signer"), rec.signer.to_string()),
+            (format!("{p}_nonce"), rec.nonce.to_string()),
+            (format!("{p}_hash"), rec.hash.to_string()),
+            (format!("{p}_raw"), rec.raw.to_string()),
+        ];
+        if let Some(a) = token_address {
+            fields.push(("token_address".into(), a.to_string()));
+        }
+        let _: () = self.client.hset(self.key(model_id), fields).await?;
+        Ok(())
+    }
+
+    /// Forgets a transaction that can no longer land (its nonce went to another one) or reverted.
+    pub async fn clear_tx(&self, model_id: &str, step: Step) -> Result<(), JournalError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let p = step.prefix();
+        let mut fields: Vec<String> = ["signer", "nonce", "hash", "raw"]
+            .iter()
+            .map(|f| format!("{p}_{f}"))
+            .collect();
+        if step == Step::Deploy {
+            fields.push("token_address".into());
+        }
+        let _: () = self.client.hdel(self.key(model_id), fields).await?;
+        Ok(())
+    }
+
+    /// Stores the event before it is published, so every re-publication is identical.
+    pub async fn record_event(&self, model_id: &str, event: &str) -> Result<(), JournalError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let _: () = self
+            .client
+            .hset(self.key(model_id), ("event", event))
+            .await?;
+        Ok(())
+    }
+
+    /// Drops a model's record entirely (after a permanent failure, so a requeue starts clean).
+    pub async fn forget(&self, model_id: &str) -> Result<(), JournalError> {
+        let _: () = self.client.del(self.key(model_id)).await?;
+        Ok(())
+    }
+}

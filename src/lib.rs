@@ -1,0 +1,18 @@
+//! hokusai-deployer turns validated ML models into ERC-20 tokens.
+//!
+//! A `model_ready_to_deploy` message arrives on a Redis list; a worker moves it into its own
+//! processing list ([`queue`]), validates it ([`message`]), deploys a `HokusaiToken` and registers
+//! it in the `ModelRegistry` ([`chain`]), recording every transaction in a write-ahead
+//! [`journal`] before it is broadcast, publishes a `token_deployed` event and only then removes
+//! the message ([`pipeline`]). [`config`] builds the settings; [`localstack`] starts Redis and
+//! anvil for the quick start and the tests; [`cli`] is the command line.
+
+pub mod chain;
+pub mod cli;
+pub mod config;
+pub mod journal;
+pub mod localstack;
+pub mod message;
+pub mod pipeline;
+pub mod queue;
+pub mod telemetry;

@@ -1,0 +1,731 @@
+//! The worker: takes messages, deploys and registers their tokens, publishes events, and sorts
+//! every outcome into exactly one of ack (event published) or dead letter (with a reason).
+//!
+//! Each step can run again safely: the journal says what was already signed or mined, the
+//! registry on chain refuses a second token for a model, and the event is stored before it is
+//! published so a redelivery re-publishes the identical event.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alloy::primitives::Address;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::Utc;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn, Instrument};
+
+use crate::chain::{Call, Chain, ChainError, Mined, SendError};
+use crate::config::{Secret, Settings};
+use crate::journal::{Entry, Journal, JournalError, Step, TxRecord};
+use crate::message::{
+    self, DeadLetter, DeadLetterError, DeploymentFailed, Inbound, Rejection, Rules, TokenDeployed,
+};
+use crate::queue::{QueueError, Queues, Redis};
+
+/// Why one attempt at a message failed, sorted once into retry or give up.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("model {0} is being deployed by another worker")]
+    ModelBusy(String),
+    #[error("model {model_id} already has token {token}")]
+    TokenExists { model_id: String, token: Address },
+    #[error("deployment of model {model_id} produced no contract at {expected}")]
+    WrongContract { model_id: String, expected: Address },
+}
+
+impl AttemptError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            AttemptError::Chain(e) => e.is_retryable(),
+            AttemptError::Queue(e) => e.is_retryable(),
+            AttemptError::Journal(JournalError::Redis(_)) => true,
+            AttemptError::Journal(JournalError::Corrupt { .. }) => false,
+            AttemptError::ModelBusy(_) => true,
+            AttemptError::TokenExists { .. } | AttemptError::WrongContract { .. } => false,
+        }
+    }
+
+    /// The error code seen in the DLQ and failure events (seed 000 §8 names where they fit).
+    pub fn code(&self) -> &'static str {
+        match self {
+            AttemptError::TokenExists { .. } => "TOKEN_EXISTS",
+            AttemptError::ModelBusy(_) => "MODEL_BUSY",
+            AttemptError::Queue(_) | AttemptError::Journal(JournalError::Redis(_)) => {
+                "REDIS_UNAVAILABLE"
+            }
+            AttemptError::Journal(JournalError::Corrupt { .. }) => "JOURNAL_CORRUPT",
+            AttemptError::WrongContract { .. } => "DEPLOYMENT_FAILED",
+            AttemptError::Chain(e) => e.code(),
+        }
+    }
+
+    fn details(&self) -> BTreeMap<String, String> {
+        let mut d = BTreeMap::new();
+        if let AttemptError::TokenExists { token, .. } = self {
+            d.insert("token_address".into(), token.to_checksum(None));
+        }
+        d
+    }
+}
+
+impl<E: Into<AttemptError>> From<SendError<E>> for AttemptError {
+    fn from(e: SendError<E>) -> Self {
+        match e {
+            SendError::Chain(c) => AttemptError::Chain(c),
+            SendError::Journal(j) => j.into(),
+        }
+    }
+}
+
+/// Everything a worker needs, shared by its in-flight jobs.
+pub struct Deployer {
+    settings: Settings,
+    pub queues: Queues,
+    journal: Journal,
+    chain: Chain,
+    rules: Rules,
+    lock_seq: AtomicU64,
+}
+
+/// Where a message ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Deployed,
+    DeadLettered,
+    /// Shutdown came first; the message stays in the processing list for recovery.
+    Abandoned,
+}
+
+impl Deployer {
+    pub fn new(settings: Settings, queues: Queues, journal: Journal, chain: Chain) -> Deployer {
+        let rules = Rules {
+            max_message_bytes: settings.pipeline.max_message_bytes,
+            min_improvement_percentage: settings.pipeline.min_improvement_percentage,
+        };
+        Deployer {
+            settings,
+            queues,
+            journal,
+            chain,
+            rules,
+            lock_seq: AtomicU64::new(0),
+        }
+    }
+
+    fn backoff(&self) -> impl Iterator<Item = Duration> {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(
+                self.settings.pipeline.backoff_initial_ms,
+            ))
+            .with_max_delay(Duration::from_millis(self.settings.pipeline.backoff_max_ms))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// Handles one raw message to its end: deployed, dead-lettered, or left for recovery.
+    pub async fn handle(&self, raw: &[u8], shutdown: &CancellationToken) -> Outcome {
+        let started = Instant::now();
+        let first_attempt_at = message::rfc3339(Utc::now());
+        let msg = match message::parse(raw, &self.rules) {
+            Ok(m) => m,
+            Err(rejection) => {
+                warn!(message_id = %message::fallback_id(raw), code = %rejection.code, field = %rejection.field, rule = %rejection.rule, "message rejected");
+                let letter = self.letter_for_rejection(raw, &rejection, &first_attempt_at);
+                return self.dead_letter(raw, letter, shutdown).await;
+            }
+        };
+        let span = tracing::info_span!(
+            "message",
+            message_id = %msg.message_id,
+            model_id = %msg.model.model_id,
+            mlflow_run_id = msg.model.mlflow_run_id.as_deref().unwrap_or(""),
+        );
+        async {
+            let mut delays = self.backoff();
+            let mut attempt: u32 = 0;
+            loop {
+                attempt += 1;
+                let result = self
+                    .attempt(&msg, &first_attempt_at)
+                    .instrument(tracing::info_span!("attempt", attempt))
+                    .await;
+                match result {
+                    Ok(event) => {
+                        let outcome = self.publish(raw, &event, shutdown).await;
+                        if outcome == Outcome::Deployed {
+                            info!(elapsed_ms = started.elapsed().as_millis() as u64, "token deployed and event published");
+                            metrics::counter!("hokusai_messages_total", "result" => "deployed").increment(1);
+                        }
+                        return outcome;
+                    }
+                    Err(e) if e.is_retryable() && attempt <= self.settings.pipeline.max_retries => {
+                        let delay = delays.next().unwrap_or(Duration::from_secs(1));
+                        warn!(error = %e, code = e.code(), delay_ms = delay.as_millis() as u64, "attempt failed, retrying");
+                        metrics::counter!("hokusai_retries_total", "code" => e.code()).increment(1);
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = shutdown.cancelled() => return Outcome::Abandoned,
+                        }
+                    }
+                    Err(e) => {
+                        error!(error = %e, code = e.code(), attempts = attempt, "giving up on message");
+                        let letter = DeadLetter {
+                            dlq_version: "1".into(),
+                            message_id: msg.message_id.clone(),
+                            model_id: Some(msg.model.model_id.clone()),
+                            error: DeadLetterError {
+                                code: e.code().into(),
+                                field: None,
+                                rule: None,
+                                message: e.to_string(),
+                                details: e.details(),
+                            },
+                            attempts: attempt,
+                            first_attempt_at: first_attempt_at.clone(),
+                            failed_at: message::rfc3339(Utc::now()),
+                            worker_id: self.queues.worker_id.clone(),
+                            producer_retry_count: msg.producer_retry_count,
+                            producer_max_retries: msg.producer_max_retries,
+                            original: String::from_utf8_lossy(raw).into_owned(),
+                        };
+                        return self.dead_letter(raw, letter, shutdown).await;
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn letter_for_rejection(&self, raw: &[u8], r: &Rejection, at: &str) -> DeadLetter {
+        // Best effort: a refused message may still say which model and message it was about.
+        let loose: Option<serde_json::Value> = serde_json::from_slice(raw).ok();
+        let pick = |k: &str| {
+            loose.as_ref().and_then(|v| {
+                v.get("payload")
+                    .and_then(|p| p.get(k))
+                    .or_else(|| v.get(k))
+                    .and_then(|x| x.as_str())
+                    .map(|s| s.chars().take(128).collect::<String>())
+            })
+        };
+        DeadLetter {
+            dlq_version: "1".into(),
+            message_id: pick("message_id").unwrap_or_else(|| message::fallback_id(raw)),
+            model_id: pick("model_id"),
+            error: DeadLetterError {
+                code: r.code.clone(),
+                field: Some(r.field.clone()),
+                rule: Some(r.rule.clone()),
+                message: r.message.clone(),
+                details: BTreeMap::new(),
+            },
+            attempts: 1,
+            first_attempt_at: at.to_owned(),
+            failed_at: message::rfc3339(Utc::now()),
+            worker_id: self.queues.worker_id.clone(),
+            producer_retry_count: None,
+            producer_max_retries: None,
+            original: String::from_utf8_lossy(raw).into_owned(),
+        }
+    }
+
+    /// Publishes and acks, retrying Redis until it answers or shutdown comes. A message whose
+    /// publication is cut short by shutdown stays in the processing list; its event is in the
+    /// journal, so the redelivery re-publishes the same event.
+    async fn publish(&self, raw: &[u8], event: &str, shutdown: &CancellationToken) -> Outcome {
+        self.redis_until_done(shutdown, || self.queues.ack_with_event(raw, event))
+            .await
+            .map(|_| Outcome::Deployed)
+            .unwrap_or(Outcome::Abandoned)
+    }
+
+    async fn dead_letter(
+        &self,
+        raw: &[u8],
+        letter: DeadLetter,
+        shutdown: &CancellationToken,
+    ) -> Outcome {
+        let entry = serde_json::to_string(&letter).expect("DeadLetter always serializes");
+        let failure = serde_json::to_string(&DeploymentFailed::from_dead_letter(&letter))
+            .expect("DeploymentFailed always serializes");
+        let code = letter.error.code.clone();
+        let r = self
+            .redis_until_done(shutdown, || self.queues.dead_letter(raw, &entry, &failure))
+            .await;
+        match r {
+            Some(()) => {
+                metrics::counter!("hokusai_messages_total", "result" => "dead_lettered")
+                    .increment(1);
+                metrics::counter!("hokusai_dlq_moves_total", "code" => code).increment(1);
+                Outcome::DeadLettered
+            }
+            None => Outcome::Abandoned,
+        }
+    }
+
+    async fn redis_until_done<F, Fut>(&self, shutdown: &CancellationToken, op: F) -> Option<()>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(), QueueError>>,
+    {
+        let mut delays = self.backoff();
+        loop {
+            match op().await {
+                Ok(()) => return Some(()),
+                Err(e) => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(1));
+                    warn!(error = %e, "redis write failed, retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// One attempt: under the model's lock, resume from the journal and return the event.
+    async fn attempt(&self, msg: &Inbound, first_attempt_at: &str) -> Result<String, AttemptError> {
+        let model_id = &msg.model.model_id;
+        let owner = format!(
+            "{}|{}|{}",
+            self.queues.worker_id,
+            self.queues.instance,
+            self.lock_seq.fetch_add(1, Ordering::Relaxed)
+        );
+        if !self
+            .queues
+            .lock_model(model_id, &owner, self.settings.pipeline.model_lock_ttl_secs)
+            .await?
+        {
+            return Err(AttemptError::ModelBusy(model_id.clone()));
+        }
+        let result = self.attempt_locked(msg, first_attempt_at).await;
+        if let Err(e) = self.queues.unlock_model(model_id, &owner).await {
+            // The lock expires by itself; a dead owner's lock is taken over at once anyway.
+            warn!(error = %e, "could not release model lock");
+        }
+        result
+    }
+
+    async fn attempt_locked(
+        &self,
+        msg: &Inbound,
+        first_attempt_at: &str,
+    ) -> Result<String, AttemptError> {
+        let model_id = &msg.model.model_id;
+        let mut entry = self.journal.load(model_id).await?;
+        if let Some(event) = &entry.event {
+            if entry.message_id.as_deref() == Some(msg.message_id.as_str()) {
+                info!("already deployed: re-publishing the journaled event");
+                return Ok(event.clone());
+            }
+            let token = entry.token_address.unwrap_or_default();
+            return Err(AttemptError::TokenExists {
+                model_id: model_id.clone(),
+                token,
+            });
+        }
+        if entry.message_id.is_none() {
+            self.journal
+                .begin(&msg.model, &msg.message_id, first_attempt_at)
+                .await?;
+            entry.message_id = Some(msg.message_id.clone());
+            entry.model = Some(msg.model.clone());
+            entry.first_attempt_at = Some(first_attempt_at.to_owned());
+        }
+        // An unfinished deployment started by another message is finished as it began.
+        let model = entry.model.clone().unwrap_or_else(|| msg.model.clone());
+
+        let registered = self.chain.registered_token(model_id).await?;
+        let ours = entry.token_address;
+        if let Some(token) = registered {
+            if Some(token) != ours {
+                return Err(AttemptError::TokenExists {
+                    model_id: model_id.clone(),
+                    token,
+                });
+            }
+        }
+
+        let deploy_code =
+            Chain::deploy_code(&model.token_name, &model.chain_symbol, self.chain.manager);
+        let deployed = self
+            .ensure(
+                &mut entry,
+                model_id,
+                Step::Deploy,
+                Call::Deploy(deploy_code),
+            )
+            .await?;
+        let token = entry
+            .token_address
+            .expect("set when the deployment was journaled");
+        if deployed.contract_address.is_some_and(|a| a != token) {
+            return Err(AttemptError::WrongContract {
+                model_id: model_id.clone(),
+                expected: token,
+            });
+        }
+        let register_call = self
+            .chain
+            .register_call(model_id, token, &model.metric_name);
+        let registered_tx = if registered == Some(token) && entry.register.is_none() {
+            // Registered by a transaction this journal lost track of: nothing to send.
+            None
+        } else {
+            Some(
+                self.ensure(&mut entry, model_id, Step::Register, register_call)
+                    .await?,
+            )
+        };
+
+        let event = self.event(&entry, &model, &deployed, registered_tx.as_ref());
+        let event = serde_json::to_string(&event).expect("TokenDeployed always serializes");
+        self.journal.record_event(model_id, &event).await?;
+        Ok(event)
+    }
+
+    /// Brings one transaction to mined: waits for a journaled one (re-broadcasting its exact
+    /// bytes), rebuilds it only when its nonce went to another transaction, or sends a new one.
+    async fn ensure(
+        &self,
+        entry: &mut Entry,
+        model_id: &str,
+        step: Step,
+        call: Call,
+    ) -> Result<Mined, AttemptError> {
+        if let Some(rec) = entry.tx(step).cloned() {
+            if self.chain.receipt(rec.hash).await?.is_some() {
+                return self.mined(entry, model_id, step, &rec).await;
+            }
+            if self.chain.can_still_land(&rec).await? {
+                info!(step = ?step, hash = %rec.hash, nonce = rec.nonce, "re-broadcasting journaled transaction");
+                match self.chain.broadcast(&rec).await {
+                    Ok(()) | Err(ChainError::NonceUsed { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                return self.mined(entry, model_id, step, &rec).await;
+            }
+            warn!(step = ?step, hash = %rec.hash, nonce = rec.nonce, "journaled transaction can no longer land; rebuilding");
+            self.journal.clear_tx(model_id, step).await?;
+            clear(entry, step);
+        }
+        let gas = self.chain.estimate(&call).await?;
+        let journal = &self.journal;
+        let signed = self
+            .chain
+            .sign_and_send(&call, gas, |signed| async move {
+                journal
+                    .record_tx(model_id, step, &signed.record, signed.contract_address)
+                    .await?;
+                Ok::<_, JournalError>(signed)
+            })
+            .await;
+        let signed = match signed {
+            Ok(s) => s,
+            Err(SendError::Chain(e)) if matches!(e, ChainError::NonceUsed { .. }) => {
+                // Never broadcast: forget it so the retry signs with a fresh nonce.
+                self.journal.clear_tx(model_id, step).await?;
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(a) = signed.contract_address {
+            entry.token_address = Some(a);
+        }
+        let rec = signed.record;
+        info!(step = ?step, hash = %rec.hash, nonce = rec.nonce, "transaction sent");
+        match step {
+            Step::Deploy => entry.deploy = Some(rec.clone()),
+            Step::Register => entry.register = Some(rec.clone()),
+        }
+        self.mined(entry, model_id, step, &rec).await
+    }
+
+    async fn mined(
+        &self,
+        entry: &mut Entry,
+        model_id: &str,
+        step: Step,
+        rec: &TxRecord,
+    ) -> Result<Mined, AttemptError> {
+        match self.chain.wait_mined(rec.hash).await {
+            Ok(m) => {
+                metrics::counter!("hokusai_gas_used_total", "step" => step_label(step))
+                    .increment(m.gas_used);
+                Ok(m)
+            }
+            Err(e @ ChainError::Reverted { .. }) => {
+                // A reverted transaction is final; forget it so a requeue starts this step over.
+                self.journal.clear_tx(model_id, step).await?;
+                clear(entry, step);
+                Err(e.into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn event(
+        &self,
+        entry: &Entry,
+        model: &message::ModelReady,
+        deployed: &Mined,
+        registered: Option<&Mined>,
+    ) -> TokenDeployed {
+        let network = self.settings.network(self.chain.chain_id);
+        let token = entry.token_address.expect("deployed, so journaled");
+        TokenDeployed {
+            event_type: "token_deployed".into(),
+            model_id: model.model_id.clone(),
+            token_address: token.to_checksum(None),
+            token_symbol: model.chain_symbol.clone(),
+            token_name: model.token_name.clone(),
+            transaction_hash: deployed.hash.to_string(),
+            registry_transaction_hash: registered.map(|r| r.hash.to_string()).unwrap_or_default(),
+            mlflow_run_id: model.mlflow_run_id.clone(),
+            model_name: model.model_name.clone(),
+            model_version: model.model_version.clone(),
+            deployment_timestamp: message::rfc3339(Utc::now()),
+            deployer_address: entry
+                .deploy
+                .as_ref()
+                .map(|d| d.signer)
+                .unwrap_or(self.chain.signer)
+                .to_checksum(None),
+            network: network.name,
+            block_number: deployed.block_number,
+            gas_used: deployed.gas_used.to_string(),
+            gas_price: deployed.effective_gas_price.to_string(),
+            contributor_address: model.contributor_address.map(|a| a.to_checksum(None)),
+            performance_metric: model.metric_name.clone(),
+            performance_improvement: model.improvement_percentage,
+            message_version: message::EVENT_VERSION.into(),
+            source_message_id: entry.message_id.clone().unwrap_or_default(),
+            chain_id: self.chain.chain_id,
+            registry_block_number: registered.map(|r| r.block_number).unwrap_or_default(),
+            registry_gas_used: registered
+                .map(|r| r.gas_used.to_string())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+fn clear(entry: &mut Entry, step: Step) {
+    match step {
+        Step::Deploy => {
+            entry.deploy = None;
+            entry.token_address = None;
+        }
+        Step::Register => entry.register = None,
+    }
+}
+
+fn step_label(step: Step) -> &'static str {
+    match step {
+        Step::Deploy => "deploy",
+        Step::Register => "register",
+    }
+}
+
+/// Options of a worker run that do not come from configuration.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Off only in the test that shows the journal is what prevents double deployments.
+    pub journal: bool,
+    /// How long shutdown lets in-flight messages finish before leaving them for recovery.
+    pub drain_deadline: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            journal: true,
+            drain_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Runs the worker until `shutdown` is cancelled; returns once in-flight work has drained.
+pub async fn run(
+    settings: Settings,
+    key: Secret,
+    opts: RunOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let worker_id = settings
+        .pipeline
+        .worker_id
+        .clone()
+        .unwrap_or_else(default_worker_id);
+    let redis = Redis::connect(&settings)?;
+    let chain = connect_chain(&settings, &key, &shutdown).await?;
+    let Some(chain) = chain else { return Ok(()) };
+    let queues = Queues::new(redis.clone(), &settings, worker_id.clone());
+    let journal = Journal::new(
+        redis.commands.clone(),
+        &settings.queues.state_prefix,
+        opts.journal,
+    );
+    info!(worker_id = %worker_id, signer = %chain.signer, chain_id = chain.chain_id, registry = %chain.registry, "worker starting");
+    let deployer = Arc::new(Deployer::new(
+        settings.clone(),
+        queues.clone(),
+        journal,
+        chain,
+    ));
+
+    // Heartbeat first, so no other process mistakes us for dead while we recover our list.
+    let tasks = TaskTracker::new();
+    let background = CancellationToken::new();
+    let hb_every = Duration::from_secs(settings.pipeline.heartbeat_ttl_secs / 3);
+    {
+        let q = queues.clone();
+        let stop = background.clone();
+        tasks.spawn(async move {
+            loop {
+                if let Err(e) = q.heartbeat().await {
+                    warn!(error = %e, "heartbeat failed");
+                }
+                match q.reap().await {
+                    Ok(n) if n > 0 => {
+                        metrics::counter!("hokusai_recovered_messages_total").increment(n)
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "reaper failed"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(hb_every) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+    loop {
+        match queues.recover_own().await {
+            Ok(n) => {
+                if n > 0 {
+                    warn!(
+                        requeued = n,
+                        "requeued messages a previous run of this worker left in flight"
+                    );
+                }
+                break;
+            }
+            Err(e) => {
+                warn!(error = %e, "redis not reachable yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => { background.cancel(); tasks.close(); tasks.wait().await; return Ok(()); }
+                }
+            }
+        }
+    }
+
+    let permits = Arc::new(Semaphore::new(settings.pipeline.concurrency));
+    let jobs = TaskTracker::new();
+    let job_shutdown = CancellationToken::new();
+    let mut redis_errors = 0u32;
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        if shutdown.is_cancelled() {
+            break;
+        }
+        match queues.take().await {
+            Ok(Some(raw)) => {
+                redis_errors = 0;
+                let d = deployer.clone();
+                let stop = job_shutdown.clone();
+                jobs.spawn(async move {
+                    let _permit = permit;
+                    d.handle(&raw, &stop).await;
+                });
+            }
+            Ok(None) => {}
+            Err(e) => {
+                redis_errors = redis_errors.saturating_add(1);
+                let delay = Duration::from_millis(100 * 2u64.pow(redis_errors.min(6)));
+                warn!(error = %e, delay_ms = delay.as_millis() as u64, "taking a message failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
+    }
+
+    info!(
+        in_flight = jobs.len(),
+        "shutting down: no new messages; draining"
+    );
+    jobs.close();
+    if tokio::time::timeout(opts.drain_deadline, jobs.wait())
+        .await
+        .is_err()
+    {
+        warn!("drain deadline passed; leaving unfinished messages for recovery");
+        job_shutdown.cancel();
+        jobs.wait().await;
+    }
+    background.cancel();
+    tasks.close();
+    tasks.wait().await;
+    if let Err(e) = queues.retire().await {
+        warn!(error = %e, "could not remove heartbeat");
+    }
+    redis.quit().await;
+    info!("worker stopped");
+    Ok(())
+}
+
+/// Connects to the chain, retrying while the RPC is unreachable; `None` if shutdown came first.
+async fn connect_chain(
+    settings: &Settings,
+    key: &Secret,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Chain>> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match Chain::connect(settings, key).await {
+            Ok(c) => return Ok(Some(c)),
+            Err(e) if e.is_retryable() => {
+                warn!(error = %e, "rpc not reachable yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return Ok(None),
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .take(48)
+        .collect();
+    format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}

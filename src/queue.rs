@@ -1,0 +1,334 @@
+//! Redis queues: the reliable-queue pattern over fred.
+//!
+//! A message moves atomically (`BLMOVE`) from the inbound list into this worker's own
+//! processing list `<processing>:<worker_id>` and leaves it only in the same `MULTI` that
+//! publishes its event or dead-letters it, so a crash at any instant leaves it somewhere.
+//! Each worker keeps a heartbeat key; any worker requeues the processing list of a worker
+//! whose heartbeat expired (a Lua script, so no item is dropped or doubled), and a process
+//! restarting under the same worker id requeues its own list at start-up.
+//!
+//! All keys of one deployment are used together in scripts and transactions; on Redis
+//! Cluster give them a common hash tag (`{hokusai}:...`) in configuration.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::lists::LMoveDirection;
+
+use crate::config::Settings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+}
+
+impl QueueError {
+    /// Every Redis error is an infrastructure fault: retry, never dead-letter for it.
+    pub fn is_retryable(&self) -> bool {
+        true
+    }
+}
+
+/// Requeues a dead worker's processing list unless its heartbeat came back.
+/// KEYS: heartbeat, processing list, inbound, workers set. ARGV: worker id.
+const REAP_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+local n = 0
+while redis.call('LMOVE', KEYS[2], KEYS[3], 'LEFT', 'RIGHT') do n = n + 1 end
+redis.call('SREM', KEYS[4], ARGV[1])
+return n
+"#;
+
+/// Moves every item of a list onto another, oldest ending nearest the consumer.
+const REQUEUE_SCRIPT: &str = r#"
+local n = 0
+while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do n = n + 1 end
+return n
+"#;
+
+/// Takes a model lock if it is free, ours, or held by a dead or restarted process.
+/// KEYS: lock. ARGV: owner ("worker|instance|seq"), ttl seconds, heartbeat key prefix.
+const LOCK_SCRIPT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local w, inst = string.match(cur, '^([^|]*)|([^|]*)|')
+  local hb = w and redis.call('GET', ARGV[3] .. w)
+  if hb and hb == inst then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"#;
+
+/// Deletes a lock only if we still own it.
+const UNLOCK_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// The two connections a worker needs: a blocking one for `BLMOVE` alone (a blocking command
+/// stalls every other command on its connection) and one for everything else.
+#[derive(Clone)]
+pub struct Redis {
+    pub commands: Client,
+    pub blocking: Client,
+}
+
+/// Builds a client that reconnects forever with backoff and bounds every command.
+pub fn client(settings: &Settings) -> Result<Client, QueueError> {
+    let config = Config::from_url(&settings.redis.url)?;
+    let timeout = Duration::from_millis(settings.redis.command_timeout_ms);
+    let client = Builder::from_config(config)
+        .with_performance_config(|p| p.default_command_timeout = timeout)
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(5);
+            c.internal_command_timeout = timeout;
+            // fred re-sends in-flight commands after a reconnect; a BLMOVE whose reply was lost
+            // may then move a second message, which stays in our list until recovery returns it.
+            c.max_command_attempts = 3;
+        })
+        // 0 attempts = forever; 100 ms doubling to 5 s: a restarted Redis is found quickly.
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+        .build()?;
+    Ok(client)
+}
+
+impl Redis {
+    /// Starts both connections without waiting: a Redis that is down at start-up is retried in
+    /// the background and shows as not ready, instead of crashing the process.
+    pub fn connect(settings: &Settings) -> Result<Redis, QueueError> {
+        let commands = client(settings)?;
+        let blocking = client(settings)?;
+        commands.connect();
+        blocking.connect();
+        Ok(Redis { commands, blocking })
+    }
+
+    pub async fn quit(&self) {
+        let _ = self.commands.quit().await;
+        let _ = self.blocking.quit().await;
+    }
+}
+
+/// Queue names and this worker's identity.
+#[derive(Clone)]
+pub struct Queues {
+    redis: Redis,
+    pub inbound: String,
+    pub processing: String,
+    pub dlq: String,
+    pub outbound: String,
+    pub failures: String,
+    state_prefix: String,
+    pub worker_id: String,
+    /// Random per process start: tells a restarted worker's locks from its predecessor's.
+    pub instance: String,
+    blocking_timeout: f64,
+    heartbeat_ttl: u64,
+}
+
+impl Queues {
+    pub fn new(redis: Redis, settings: &Settings, worker_id: String) -> Queues {
+        let q = &settings.queues;
+        Queues {
+            redis,
+            inbound: q.inbound.clone(),
+            processing: format!("{}:{worker_id}", q.processing),
+            dlq: q.dlq.clone(),
+            outbound: q.outbound.clone(),
+            failures: q.failures.clone(),
+            state_prefix: q.state_prefix.clone(),
+            worker_id,
+            instance: uuid::Uuid::new_v4().simple().to_string(),
+            blocking_timeout: settings.redis.blocking_timeout_secs as f64,
+            heartbeat_ttl: settings.pipeline.heartbeat_ttl_secs,
+        }
+    }
+
+    pub fn commands(&self) -> &Client {
+        &self.redis.commands
+    }
+
+    fn processing_of(&self, worker: &str) -> String {
+        let base = self
+            .processing
+            .strip_suffix(&format!(":{}", self.worker_id))
+            .unwrap_or(&self.processing);
+        format!("{base}:{worker}")
+    }
+
+    fn heartbeat_prefix(&self) -> String {
+        format!("{}:heartbeat:", self.state_prefix)
+    }
+
+    fn workers_key(&self) -> String {
+        format!("{}:workers", self.state_prefix)
+    }
+
+    /// Waits up to the blocking timeout for one message, moving it into our processing list.
+    pub async fn take(&self) -> Result<Option<Vec<u8>>, QueueError> {
+        let r: Result<Value, _> = self
+            .redis
+            .blocking
+            .blmove(
+                &self.inbound,
+                &self.processing,
+                LMoveDirection::Right,
+                LMoveDirection::Left,
+                self.blocking_timeout,
+            )
+            .await;
+        match r {
+            Ok(v) => Ok(value_bytes(v)),
+            // fred reports BLMOVE's null reply (nothing arrived in time) as a timeout error.
+            Err(e) if *e.kind() == ErrorKind::Timeout => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Publishes the event and removes the message in one transaction.
+    pub async fn ack_with_event(&self, raw: &[u8], event: &str) -> Result<(), QueueError> {
+        let tx = self.redis.commands.multi();
+        let _: () = tx.lpush(&self.outbound, event).await?;
+        let _: () = tx.lrem(&self.processing, 1, raw).await?;
+        let _: Value = tx.exec(true).await?;
+        Ok(())
+    }
+
+    /// Dead-letters the message and emits its failure event in one transaction.
+    pub async fn dead_letter(
+        &self,
+        raw: &[u8],
+        entry: &str,
+        failure_event: &str,
+    ) -> Result<(), QueueError> {
+        let tx = self.redis.commands.multi();
+        let _: () = tx.lpush(&self.dlq, entry).await?;
+        let _: () = tx.lpush(&self.failures, failure_event).await?;
+        let _: () = tx.lrem(&self.processing, 1, raw).await?;
+        let _: Value = tx.exec(true).await?;
+        Ok(())
+    }
+
+    /// Requeues what a previous process with our worker id left in our processing list.
+    pub async fn recover_own(&self) -> Result<u64, QueueError> {
+        let n: u64 = self
+            .redis
+            .commands
+            .eval(
+                REQUEUE_SCRIPT,
+                vec![self.processing.clone(), self.inbound.clone()],
+                Vec::<String>::new(),
+            )
+            .await?;
+        Ok(n)
+    }
+
+    /// Announces this worker alive for `heartbeat_ttl` seconds.
+    pub async fn heartbeat(&self) -> Result<(), QueueError> {
+        let key = format!("{}{}", self.heartbeat_prefix(), self.worker_id);
+        let _: () = self
+            .redis
+            .commands
+            .set(
+                &key,
+                self.instance.as_str(),
+                Some(Expiration::EX(self.heartbeat_ttl as i64)),
+                None,
+                false,
+            )
+            .await?;
+        let _: () = self
+            .redis
+            .commands
+            .sadd(self.workers_key(), self.worker_id.as_str())
+            .await?;
+        Ok(())
+    }
+
+    /// Removes our heartbeat at a clean shutdown so the reaper need not wait for it to expire.
+    pub async fn retire(&self) -> Result<(), QueueError> {
+        let key = format!("{}{}", self.heartbeat_prefix(), self.worker_id);
+        let _: () = self.redis.commands.del(&key).await?;
+        Ok(())
+    }
+
+    /// Requeues the processing lists of every worker whose heartbeat has expired.
+    pub async fn reap(&self) -> Result<u64, QueueError> {
+        let workers: Vec<String> = self.redis.commands.smembers(self.workers_key()).await?;
+        let mut total = 0;
+        for w in workers.iter().filter(|w| **w != self.worker_id) {
+            let keys = vec![
+                format!("{}{w}", self.heartbeat_prefix()),
+                self.processing_of(w),
+                self.inbound.clone(),
+                self.workers_key(),
+            ];
+            let n: i64 = self
+                .redis
+                .commands
+                .eval(REAP_SCRIPT, keys, vec![w.clone()])
+                .await?;
+            if n > 0 {
+                tracing::warn!(worker = %w, requeued = n, "requeued a dead worker's messages");
+                total += n as u64;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Tries to take the lock of a model; `Ok(false)` when a live worker holds it.
+    pub async fn lock_model(
+        &self,
+        model_id: &str,
+        owner: &str,
+        ttl_secs: u64,
+    ) -> Result<bool, QueueError> {
+        let n: i64 = self
+            .redis
+            .commands
+            .eval(
+                LOCK_SCRIPT,
+                vec![self.lock_key(model_id)],
+                vec![
+                    owner.to_owned(),
+                    ttl_secs.to_string(),
+                    self.heartbeat_prefix(),
+                ],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    pub async fn unlock_model(&self, model_id: &str, owner: &str) -> Result<(), QueueError> {
+        let _: i64 = self
+            .redis
+            .commands
+            .eval(
+                UNLOCK_SCRIPT,
+                vec![self.lock_key(model_id)],
+                vec![owner.to_owned()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    fn lock_key(&self, model_id: &str) -> String {
+        format!("{}:lock:{model_id}", self.state_prefix)
+    }
+
+    /// Length of a list (queue depth).
+    pub async fn depth(&self, key: &str) -> Result<u64, QueueError> {
+        Ok(self.redis.commands.llen(key).await?)
+    }
+}
+
+/// A list item as bytes, whether Redis answered with a string or a blob.
+fn value_bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.as_bytes().to_vec()),
+        Value::Bytes(b) => Some(b.to_vec()),
+        other => other.as_bytes().map(<[u8]>::to_vec),
+    }
+}
