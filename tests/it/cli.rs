@@ -1,0 +1,105 @@
+//! The binary as a user meets it: help, configuration errors, and the quick start itself.
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hokusai-deployer");
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("the binary runs")
+}
+
+#[test]
+fn every_command_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["run", "--help"],
+        vec!["contracts", "--help"],
+        vec!["contracts", "deploy", "--help"],
+        vec!["local", "--help"],
+        vec!["push", "--help"],
+        vec!["check-config", "--help"],
+    ] {
+        let out = run(&args, &[]);
+        assert!(out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn check_config_names_the_bad_key_and_hides_secrets() {
+    let out = run(
+        &["check-config"],
+        &[("HOKUSAI__PIPELINE__CONCURRENCY", "0")],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pipeline.concurrency"));
+
+    let out = run(
+        &["check-config"],
+        &[
+            (
+                "DEPLOYER_PRIVATE_KEY",
+                hokusai_deployer::localstack::ANVIL_DEV_KEY,
+            ),
+            (
+                "HOKUSAI__REDIS__URL",
+                "redis://app:s3cr3t-pass@localhost:6379",
+            ),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("deployer key: configured"));
+    assert!(!text.contains("s3cr3t-pass"), "{text}");
+    assert!(
+        !text.contains(&hokusai_deployer::localstack::ANVIL_DEV_KEY[2..]),
+        "{text}"
+    );
+}
+
+#[test]
+fn run_refuses_to_start_without_contract_addresses() {
+    let out = run(
+        &["run"],
+        &[(
+            "DEPLOYER_PRIVATE_KEY",
+            hokusai_deployer::localstack::ANVIL_DEV_KEY,
+        )],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chain.model_registry_address"));
+}
+
+/// The README's first command, minus the serving: a fresh local stack processes the sample.
+#[test]
+fn quick_start_processes_the_sample_message() {
+    let out = Command::new(BIN)
+        .args(["local", "--once"])
+        .env("HOKUSAI__LOG__LEVEL", "warn")
+        .output()
+        .expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let event: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is the event");
+    assert_eq!(event["event_type"], "token_deployed");
+    assert_eq!(event["model_id"], "model_7");
+    assert_eq!(event["token_symbol"], "MSG-AI");
+}

@@ -1,0 +1,230 @@
+//! The contracts on anvil: only the controller mints, only registrars register, duplicates and
+//! code-less tokens revert, the owner moves control.
+//!
+//! Expected reverts are checked with `eth_call`: a failed `send()` would still advance alloy's
+//! cached nonce and leave a gap that stalls every later transaction of that account.
+
+use alloy::network::EthereumWallet;
+use alloy::primitives::{Address, U256};
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol_types::SolEvent;
+use hokusai_deployer::chain::{HokusaiToken, ModelRegistry, TokenManager};
+use hokusai_deployer::localstack::ANVIL_DEV_KEY;
+
+use crate::harness::Stack;
+
+/// anvil's second development account (public test key).
+const OTHER_KEY: &str = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+
+fn wallet_provider(stack: &Stack, key: &str) -> (DynProvider, Address) {
+    let signer: PrivateKeySigner = key.parse().unwrap();
+    let addr = signer.address();
+    let p = ProviderBuilder::new()
+        .wallet(EthereumWallet::from(signer))
+        .connect_http(stack.anvil.url("http").parse().unwrap())
+        .erased();
+    (p, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_registry_and_manager_enforce_their_roles() {
+    let stack = Stack::start().await;
+    let (owner, owner_addr) = wallet_provider(&stack, ANVIL_DEV_KEY);
+    let (other, other_addr) = wallet_provider(&stack, OTHER_KEY);
+    let manager_addr = stack.boot.token_manager;
+
+    // The token: controller set and announced at construction.
+    let token = HokusaiToken::deploy(&owner, "Hokusai m1".into(), "M1".into(), manager_addr)
+        .await
+        .unwrap();
+    assert_eq!(token.controller().call().await.unwrap(), manager_addr);
+    assert_eq!(token.owner().call().await.unwrap(), owner_addr);
+    let deploy_tx = token
+        .provider()
+        .get_transaction_count(owner_addr)
+        .await
+        .unwrap();
+    assert!(deploy_tx > 0);
+
+    // Only the controller mints or burns: neither the owner nor anyone else.
+    for p in [&owner, &other] {
+        let t = HokusaiToken::new(*token.address(), p);
+        let err = t.mint(other_addr, U256::from(1)).call().await.unwrap_err();
+        let decoded = err.as_decoded_interface_error::<HokusaiToken::HokusaiTokenErrors>();
+        assert!(
+            matches!(
+                decoded,
+                Some(HokusaiToken::HokusaiTokenErrors::NotController(_))
+            ),
+            "{err}"
+        );
+        assert!(t.burn(owner_addr, U256::from(1)).call().await.is_err());
+    }
+
+    // Only registrars register; the owner can add one.
+    let reg_other = ModelRegistry::new(stack.boot.model_registry, &other);
+    let err = reg_other
+        .registerModel("m1".into(), *token.address(), "accuracy".into())
+        .call()
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err.as_decoded_interface_error::<ModelRegistry::ModelRegistryErrors>(),
+        Some(ModelRegistry::ModelRegistryErrors::NotRegistrar(_))
+    ));
+    let reg = ModelRegistry::new(stack.boot.model_registry, &owner);
+    let receipt = reg
+        .registerModel("m1".into(), *token.address(), "accuracy".into())
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    let logged = receipt
+        .inner
+        .logs()
+        .iter()
+        .find_map(|l| ModelRegistry::ModelRegistered::decode_log(&l.inner).ok())
+        .expect("ModelRegistered is emitted");
+    assert_eq!(logged.modelId, "m1");
+    assert_eq!(logged.token, *token.address());
+    assert!(reg.isRegistered("m1".into()).call().await.unwrap());
+    assert_eq!(
+        reg.modelOfToken(*token.address()).call().await.unwrap(),
+        "m1"
+    );
+
+    // Duplicates revert: the same model, the same token under another id, and an EOA.
+    let token2 = HokusaiToken::deploy(&owner, "Hokusai m2".into(), "M2".into(), manager_addr)
+        .await
+        .unwrap();
+    let errs = [
+        reg.registerModel("m1".into(), *token2.address(), "accuracy".into())
+            .call()
+            .await
+            .unwrap_err(),
+        reg.registerModel("m2".into(), *token.address(), "accuracy".into())
+            .call()
+            .await
+            .unwrap_err(),
+        reg.registerModel("m3".into(), other_addr, "accuracy".into())
+            .call()
+            .await
+            .unwrap_err(),
+        reg.registerModel("".into(), *token2.address(), "accuracy".into())
+            .call()
+            .await
+            .unwrap_err(),
+    ];
+    use ModelRegistry::ModelRegistryErrors as E;
+    let decoded: Vec<_> = errs
+        .iter()
+        .map(|e| e.as_decoded_interface_error::<E>())
+        .collect();
+    assert!(
+        matches!(decoded[0], Some(E::ModelAlreadyRegistered(_))),
+        "{:?}",
+        errs[0]
+    );
+    assert!(
+        matches!(decoded[1], Some(E::TokenAlreadyRegistered(_))),
+        "{:?}",
+        errs[1]
+    );
+    assert!(
+        matches!(decoded[2], Some(E::TokenHasNoCode(_))),
+        "{:?}",
+        errs[2]
+    );
+    assert!(
+        matches!(decoded[3], Some(E::EmptyModelId(_))),
+        "{:?}",
+        errs[3]
+    );
+    reg.setRegistrar(other_addr, true)
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    reg_other
+        .registerModel("m2".into(), *token2.address(), "f1".into())
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+
+    // The manager (the controller) mints and burns for its owner only, and only registered models.
+    let mgr = TokenManager::new(manager_addr, &owner);
+    mgr.mintTokens("m1".into(), other_addr, U256::from(1000))
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    assert_eq!(
+        token.balanceOf(other_addr).call().await.unwrap(),
+        U256::from(1000)
+    );
+    mgr.burnTokens("m1".into(), other_addr, U256::from(400))
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    assert_eq!(
+        token.balanceOf(other_addr).call().await.unwrap(),
+        U256::from(600)
+    );
+    let mgr_other = TokenManager::new(manager_addr, &other);
+    assert!(mgr_other
+        .mintTokens("m1".into(), other_addr, U256::from(1))
+        .call()
+        .await
+        .is_err());
+    let err = mgr
+        .mintTokens("nope".into(), other_addr, U256::from(1))
+        .call()
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err.as_decoded_interface_error::<TokenManager::TokenManagerErrors>(),
+        Some(TokenManager::TokenManagerErrors::ModelNotRegistered(_))
+    ));
+
+    // The owner hands control over (ControllerSet); a stranger cannot.
+    let t_other = HokusaiToken::new(*token.address(), &other);
+    assert!(t_other.setController(other_addr).call().await.is_err());
+    let r = token
+        .setController(other_addr)
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    assert!(r
+        .inner
+        .logs()
+        .iter()
+        .any(|l| HokusaiToken::ControllerSet::decode_log(&l.inner).is_ok()));
+    t_other
+        .mint(other_addr, U256::from(5))
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    assert_eq!(
+        token.balanceOf(other_addr).call().await.unwrap(),
+        U256::from(605)
+    );
+}

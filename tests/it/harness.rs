@@ -1,0 +1,247 @@
+//! A real stack per test: redis-server and anvil on free ports, contracts bootstrapped, the
+//! worker running in-process (or as a child process), plus helpers to read chain and queues.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use alloy::primitives::Address;
+use alloy::providers::Provider;
+use fred::prelude::*;
+use hokusai_deployer::chain::{self, Bootstrap};
+use hokusai_deployer::config::{Secret, Settings, Sources};
+use hokusai_deployer::localstack::{self, Service, ANVIL_DEV_KEY};
+use hokusai_deployer::pipeline::{self, RunOptions};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long a test waits for an event that should come in well under a second on anvil.
+pub const EVENT_WAIT_SECS: f64 = 60.0;
+
+pub struct Stack {
+    pub redis: Service,
+    pub anvil: Service,
+    pub boot: Bootstrap,
+    pub client: Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let redis = localstack::redis(dir.path(), &[])
+            .await
+            .expect("redis-server must start (make tools)");
+        let anvil = localstack::anvil(&[])
+            .await
+            .expect("anvil must start (make tools)");
+        let base = settings_for(&redis.url("redis"), &anvil.url("http"), None, &[]);
+        let boot = chain::bootstrap(&base, &Secret::new(ANVIL_DEV_KEY), None)
+            .await
+            .expect("contracts deploy on a fresh anvil");
+        let client = hokusai_deployer::queue::client(&base).expect("client");
+        client.init().await.expect("redis answers");
+        Stack {
+            redis,
+            anvil,
+            boot,
+            client,
+            _dir: dir,
+        }
+    }
+
+    /// Settings pointing at this stack, with test-friendly timings and the given overrides.
+    pub fn settings(&self, extra: &[(&str, &str)]) -> Settings {
+        self.settings_with_rpc(&self.anvil.url("http"), extra)
+    }
+
+    pub fn settings_with_rpc(&self, rpc: &str, extra: &[(&str, &str)]) -> Settings {
+        settings_for(&self.redis.url("redis"), rpc, Some(&self.boot), extra)
+    }
+
+    pub fn worker(&self, extra: &[(&str, &str)]) -> Worker {
+        Worker::start(self.settings(extra), RunOptions::default())
+    }
+
+    pub async fn push(&self, raw: &str) {
+        let _: u64 = self
+            .client
+            .lpush("hokusai:model_ready_queue", raw)
+            .await
+            .expect("lpush");
+    }
+
+    /// Waits for the next item of a list (a real blocking pop, not a poll).
+    pub async fn next(&self, list: &str) -> String {
+        let got: Option<(String, String)> = self
+            .client
+            .brpop(list, EVENT_WAIT_SECS)
+            .await
+            .expect("brpop");
+        got.unwrap_or_else(|| panic!("nothing arrived on {list} within {EVENT_WAIT_SECS} s"))
+            .1
+    }
+
+    pub async fn next_json(&self, list: &str) -> serde_json::Value {
+        serde_json::from_str(&self.next(list).await).expect("list items are JSON")
+    }
+
+    pub async fn len(&self, list: &str) -> u64 {
+        self.client.llen(list).await.expect("llen")
+    }
+
+    pub fn provider(&self) -> alloy::providers::DynProvider {
+        chain::provider(&self.settings(&[])).expect("provider")
+    }
+
+    /// Contract creations sent by the dev account, counted block by block: the ground truth
+    /// for "one token per model" (registry entries alone would hide an orphan token).
+    pub async fn creations(&self) -> usize {
+        let p = self.provider();
+        let deployer: Address = self.boot.deployer;
+        let head = p.get_block_number().await.expect("block number");
+        let mut n = 0;
+        for b in 0..=head {
+            let block = p
+                .get_block_by_number(b.into())
+                .full()
+                .await
+                .expect("block")
+                .expect("block exists");
+            for tx in block.transactions.txns() {
+                use alloy::consensus::Transaction;
+                if tx.inner.signer() == deployer && tx.inner.kind().is_create() {
+                    n += 1;
+                }
+            }
+        }
+        // The registry and the manager are the bootstrap's two creations.
+        n - 2
+    }
+}
+
+pub fn settings_for(
+    redis: &str,
+    rpc: &str,
+    boot: Option<&Bootstrap>,
+    extra: &[(&str, &str)],
+) -> Settings {
+    let mut env: Vec<(String, String)> = vec![
+        ("HOKUSAI__REDIS__URL".into(), redis.into()),
+        ("HOKUSAI__CHAIN__RPC_URLS".into(), rpc.into()),
+        ("HOKUSAI__CHAIN__POLL_INTERVAL_MS".into(), "50".into()),
+        ("HOKUSAI__CHAIN__RPC_TIMEOUT_MS".into(), "3000".into()),
+        ("HOKUSAI__CHAIN__PRIVATE_KEY".into(), ANVIL_DEV_KEY.into()),
+        ("HOKUSAI__PIPELINE__BACKOFF_INITIAL_MS".into(), "50".into()),
+        ("HOKUSAI__PIPELINE__BACKOFF_MAX_MS".into(), "500".into()),
+        ("HOKUSAI__PIPELINE__WORKER_ID".into(), "w1".into()),
+        ("HOKUSAI__LOG__LEVEL".into(), "warn".into()),
+    ];
+    if let Some(b) = boot {
+        env.push((
+            "HOKUSAI__CHAIN__MODEL_REGISTRY_ADDRESS".into(),
+            b.model_registry.to_string(),
+        ));
+        env.push((
+            "HOKUSAI__CHAIN__TOKEN_MANAGER_ADDRESS".into(),
+            b.token_manager.to_string(),
+        ));
+    }
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Settings::load(Sources { file: None, env }).expect("test settings are valid")
+}
+
+/// An in-process worker, stopped (and awaited) by [`Worker::stop`].
+pub struct Worker {
+    stop: CancellationToken,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Worker {
+    pub fn start(settings: Settings, opts: RunOptions) -> Worker {
+        let key = settings.private_key().unwrap().expect("test key is set");
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(pipeline::run(settings, key, opts, stop.clone()));
+        Worker { stop, handle }
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.handle)
+            .await
+            .expect("worker stops within its drain deadline")
+            .expect("worker task does not panic")
+            .expect("worker exits cleanly");
+    }
+}
+
+/// A TCP forwarder that can be switched off: while off it accepts and drops connections,
+/// which is what a client sees of an RPC node that is down. Real sockets, no mock.
+pub struct Switch {
+    pub port: u16,
+    up: Arc<AtomicBool>,
+    /// Tells open tunnels to close when the switch goes down (keep-alive would outlive it).
+    state: tokio::sync::watch::Sender<bool>,
+    refused: Arc<AtomicUsize>,
+    refused_notify: Arc<Notify>,
+}
+
+impl Switch {
+    pub async fn start(target_port: u16, up: bool) -> Switch {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let s = Switch {
+            port,
+            state: tokio::sync::watch::channel(up).0,
+            up: Arc::new(AtomicBool::new(up)),
+            refused: Arc::new(AtomicUsize::new(0)),
+            refused_notify: Arc::new(Notify::new()),
+        };
+        let (up, refused, notify) = (s.up.clone(), s.refused.clone(), s.refused_notify.clone());
+        let state = s.state.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !up.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    refused.fetch_add(1, Ordering::SeqCst);
+                    notify.notify_waiters();
+                    continue;
+                }
+                let mut down = state.subscribe();
+                tokio::spawn(async move {
+                    if let Ok(mut out) = TcpStream::connect(("127.0.0.1", target_port)).await {
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
+                            _ = down.wait_for(|up| !*up) => {}
+                        }
+                    }
+                });
+            }
+        });
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+        self.state.send_replace(up);
+    }
+
+    /// Waits until at least `n` connections were refused while down.
+    pub async fn refused_at_least(&self, n: usize) {
+        loop {
+            let notified = self.refused_notify.notified();
+            if self.refused.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            tokio::time::timeout(Duration::from_secs(60), notified)
+                .await
+                .expect("the worker keeps trying the RPC");
+        }
+    }
+}

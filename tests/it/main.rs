@@ -1,0 +1,8 @@
+//! Integration tests on a real redis-server and a real anvil, started per test on free ports.
+//! One test binary: alloy links once, and every module shares the harness.
+
+mod abi;
+mod cli;
+mod contracts;
+mod harness;
+mod pipeline;
