@@ -1,0 +1,48 @@
+# The two commands of the README's Quick start:
+#   make run-local   start Redis + anvil, deploy the contracts, process the sample message, serve
+#   make test        the whole test suite (what .ci/run calls)
+# Everything else is a step of those two.
+
+CARGO ?= cargo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: tools redis-server node-tools abi abi-check test run-local lint fmt clean
+
+## Install what the tests and the local stack need, when missing: redis-server (Debian),
+## and the pinned npm toolchain in contracts/ (solcjs, OpenZeppelin, anvil, cast).
+tools: redis-server node-tools
+
+redis-server:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+	@redis-server --version
+
+node-tools: contracts/node_modules/.package-lock.json
+
+contracts/node_modules/.package-lock.json: contracts/package.json contracts/package-lock.json
+	cd contracts && npm ci --no-audit --no-fund --loglevel=error
+
+## Recompile contracts/*.sol into abi/ (reproducible; commit the result).
+abi: node-tools
+	node contracts/build.mjs
+
+abi-check: node-tools
+	node contracts/build.mjs --check
+
+## The whole suite: unit, integration (real redis-server and anvil), contract and CLI tests.
+test: tools
+	$(CARGO) test --locked --all-targets
+
+## Quick start: a local stack with the sample message processed; Ctrl-C stops it all.
+run-local: tools
+	$(CARGO) run --locked -- local
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
+	rm -rf contracts/node_modules
