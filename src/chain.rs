@@ -60,7 +60,7 @@ pub enum ChainError {
     #[error("nonce {nonce} of {signer} is already used by another transaction")]
     NonceUsed { signer: Address, nonce: u64 },
     #[error("simulation reverted: {0}")]
-    WouldRevert(String),
+    WouldRevert(RpcError<TransportErrorKind>),
     #[error("the rpc reports chain {actual}, configuration says {expected}")]
     WrongChain { expected: u64, actual: u64 },
     #[error("invalid deployer key: {0}")]
@@ -88,6 +88,20 @@ impl ChainError {
 }
 
 impl ChainError {
+    /// The token that already holds a model, when the registry refused a registration for it.
+    pub fn registered_elsewhere(&self) -> Option<Address> {
+        let ChainError::WouldRevert(e) = self else {
+            return None;
+        };
+        match e
+            .as_error_resp()?
+            .as_decoded_interface_error::<ModelRegistry::ModelRegistryErrors>()?
+        {
+            ModelRegistry::ModelRegistryErrors::ModelAlreadyRegistered(r) => Some(r.token),
+            _ => None,
+        }
+    }
+
     /// The error code for the DLQ and failure events, decided with [`Self::is_retryable`].
     pub fn code(&self) -> &'static str {
         match self {
@@ -301,7 +315,7 @@ impl Chain {
             .await
             .map_err(|e| {
                 if is_revert(&e) {
-                    ChainError::WouldRevert(e.to_string())
+                    ChainError::WouldRevert(e)
                 } else {
                     ChainError::Rpc(e)
                 }
@@ -516,4 +530,29 @@ pub async fn bootstrap(
         token_manager: *manager.address(),
         deployer,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy::rpc::json_rpc::ErrorPayload;
+
+    /// anvil's answer to simulating a registration of a model that already has a token.
+    #[test]
+    fn a_registry_refusal_names_the_token_that_won() {
+        let payload: ErrorPayload = serde_json::from_str(
+            r#"{"code":3,"message":"execution reverted: custom error 0xf09e5e9d","data":"0xf09e5e9d00000000000000000000000000000000000000000000000000000000000000400000000000000000000000002279b7a0a67db372996a5fab50d91eaa73d2ebe600000000000000000000000000000000000000000000000000000000000000076368616f735f3200000000000000000000000000000000000000000000000000"}"#,
+        )
+        .unwrap();
+        let e = ChainError::WouldRevert(RpcError::ErrorResp(payload));
+        assert_eq!(
+            e.registered_elsewhere(),
+            Some(
+                "0x2279b7a0a67db372996a5fab50d91eaa73d2ebe6"
+                    .parse()
+                    .unwrap()
+            )
+        );
+        assert!(!e.is_retryable());
+    }
 }

@@ -36,6 +36,9 @@ pub enum Command {
         /// Seconds in-flight messages get to finish at shutdown before they are left for recovery.
         #[arg(long, default_value_t = 30)]
         drain_secs: u64,
+        /// Test only: run without the deployment journal, to show what it prevents.
+        #[arg(long, hide = true)]
+        unsafe_no_journal: bool,
     },
     /// Manage the on-chain contracts.
     Contracts {
@@ -78,16 +81,19 @@ fn require_key(settings: &Settings) -> anyhow::Result<Secret> {
 /// Runs a command; the returned error becomes a non-zero exit status in `main`.
 pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Run { drain_secs } => {
+        Command::Run {
+            drain_secs,
+            unsafe_no_journal,
+        } => {
             let settings = load(&cli)?;
             telemetry::init(&settings.log);
             settings.contract_addresses()?;
-            let key = require_key(&settings)?;
+            require_key(&settings)?;
             let opts = pipeline::RunOptions {
                 drain_deadline: Duration::from_secs(*drain_secs),
-                ..Default::default()
+                journal: !*unsafe_no_journal,
             };
-            pipeline::run(settings, key, opts, shutdown).await
+            pipeline::run(settings.clone(), settings.private_keys()?, opts, shutdown).await
         }
         Command::Contracts {
             command: ContractsCommand::Deploy { registrar },
@@ -181,7 +187,7 @@ async fn local(cli: &Cli, once: bool, shutdown: CancellationToken) -> anyhow::Re
     let worker_stop = CancellationToken::new();
     let worker = tokio::spawn(pipeline::run(
         settings.clone(),
-        key,
+        vec![key],
         Default::default(),
         worker_stop.clone(),
     ));

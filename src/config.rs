@@ -402,20 +402,31 @@ impl Settings {
         ))
     }
 
-    /// The deployer key, from the environment or a file; `None` when neither is configured.
+    /// The first deployer key (for one-off commands such as `contracts deploy`).
     pub fn private_key(&self) -> Result<Option<Secret>, ConfigError> {
-        if let Some(k) = &self.chain.private_key {
-            return Ok(Some(k.clone()));
-        }
-        let Some(path) = &self.chain.private_key_file else {
-            return Ok(None);
+        Ok(self.private_keys()?.into_iter().next())
+    }
+
+    /// The deployer key pool: `chain.private_key` (comma separated) or `chain.private_key_file`
+    /// (one key per line, `#` comments). Each worker process leases one key at a time.
+    pub fn private_keys(&self) -> Result<Vec<Secret>, ConfigError> {
+        let text = if let Some(k) = &self.chain.private_key {
+            k.expose().replace(',', "\n")
+        } else if let Some(path) = &self.chain.private_key_file {
+            std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+                key: "chain.private_key_file",
+                path: path.clone(),
+                source,
+            })?
+        } else {
+            return Ok(vec![]);
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
-            key: "chain.private_key_file",
-            path: path.clone(),
-            source,
-        })?;
-        Ok(Some(Secret::new(text.trim().to_owned())))
+        Ok(text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| Secret::new(l.to_owned()))
+            .collect())
     }
 
     pub fn rpc_timeout(&self) -> Duration {

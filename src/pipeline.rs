@@ -386,10 +386,22 @@ impl Deployer {
             // Registered by a transaction this journal lost track of: nothing to send.
             None
         } else {
-            Some(
-                self.ensure(&mut entry, model_id, Step::Register, register_call)
-                    .await?,
-            )
+            match self
+                .ensure(&mut entry, model_id, Step::Register, register_call)
+                .await
+            {
+                Ok(m) => Some(m),
+                // The registry refused: another token won the model (the revert names it).
+                Err(AttemptError::Chain(e))
+                    if e.registered_elsewhere().is_some_and(|t| t != token) =>
+                {
+                    return Err(AttemptError::TokenExists {
+                        model_id: model_id.clone(),
+                        token: e.registered_elsewhere().expect("checked by the guard"),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
         };
 
         let event = self.event(&entry, &model, &deployed, registered_tx.as_ref());
@@ -559,21 +571,92 @@ impl Default for RunOptions {
 }
 
 /// Runs the worker until `shutdown` is cancelled; returns once in-flight work has drained.
+/// Fails (for the orchestrator to restart it) if its signer lease is lost.
 pub async fn run(
     settings: Settings,
-    key: Secret,
+    keys: Vec<Secret>,
     opts: RunOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(!keys.is_empty(), "no deployer key configured");
     let worker_id = settings
         .pipeline
         .worker_id
         .clone()
         .unwrap_or_else(default_worker_id);
     let redis = Redis::connect(&settings)?;
-    let chain = connect_chain(&settings, &key, &shutdown).await?;
-    let Some(chain) = chain else { return Ok(()) };
     let queues = Queues::new(redis.clone(), &settings, worker_id.clone());
+
+    // Heartbeat first, so no other process mistakes us for dead while we start.
+    let tasks = TaskTracker::new();
+    let background = CancellationToken::new();
+    let leased: Arc<tokio::sync::OnceCell<String>> = Arc::new(tokio::sync::OnceCell::new());
+    let lease_lost = CancellationToken::new();
+    let hb_every = Duration::from_secs(settings.pipeline.heartbeat_ttl_secs / 3);
+    {
+        let (q, stop, leased, lost) = (
+            queues.clone(),
+            background.clone(),
+            leased.clone(),
+            lease_lost.clone(),
+        );
+        tasks.spawn(async move {
+            loop {
+                if let Err(e) = q.heartbeat().await {
+                    warn!(error = %e, "heartbeat failed");
+                }
+                if let Some(signer) = leased.get() {
+                    match q.renew_signer(signer).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            error!(signer = %signer, "signer lease lost to another process: stopping at once");
+                            lost.cancel();
+                            return;
+                        }
+                        Err(e) => warn!(error = %e, "signer lease renewal failed"),
+                    }
+                }
+                match q.reap().await {
+                    Ok(n) if n > 0 => metrics::counter!("hokusai_recovered_messages_total").increment(n),
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "reaper failed"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(hb_every) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+    let stop_background = || async {
+        background.cancel();
+        tasks.close();
+        tasks.wait().await;
+    };
+
+    // Lease one key of the pool; with none free, wait (another replica holds each).
+    let key = loop {
+        match lease_any(&queues, &keys).await {
+            Ok(Some((signer, key))) => {
+                leased.set(signer).expect("leased once");
+                break key;
+            }
+            Ok(None) => warn!(
+                keys = keys.len(),
+                "every deployer key is leased by another process; waiting"
+            ),
+            Err(e) => warn!(error = %e, "redis not reachable yet"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => { stop_background().await; return Ok(()); }
+        }
+    };
+    let Some(chain) = connect_chain(&settings, &key, &shutdown).await? else {
+        release(&queues, &leased).await;
+        stop_background().await;
+        return Ok(());
+    };
     let journal = Journal::new(
         redis.commands.clone(),
         &settings.queues.state_prefix,
@@ -587,32 +670,6 @@ pub async fn run(
         chain,
     ));
 
-    // Heartbeat first, so no other process mistakes us for dead while we recover our list.
-    let tasks = TaskTracker::new();
-    let background = CancellationToken::new();
-    let hb_every = Duration::from_secs(settings.pipeline.heartbeat_ttl_secs / 3);
-    {
-        let q = queues.clone();
-        let stop = background.clone();
-        tasks.spawn(async move {
-            loop {
-                if let Err(e) = q.heartbeat().await {
-                    warn!(error = %e, "heartbeat failed");
-                }
-                match q.reap().await {
-                    Ok(n) if n > 0 => {
-                        metrics::counter!("hokusai_recovered_messages_total").increment(n)
-                    }
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "reaper failed"),
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(hb_every) => {}
-                    _ = stop.cancelled() => return,
-                }
-            }
-        });
-    }
     loop {
         match queues.recover_own().await {
             Ok(n) => {
@@ -628,13 +685,17 @@ pub async fn run(
                 warn!(error = %e, "redis not reachable yet");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = shutdown.cancelled() => { background.cancel(); tasks.close(); tasks.wait().await; return Ok(()); }
+                    _ = shutdown.cancelled() => { release(&queues, &leased).await; stop_background().await; return Ok(()); }
                 }
             }
         }
     }
 
     let permits = Arc::new(Semaphore::new(settings.pipeline.concurrency));
+    // The raw messages our jobs hold: whatever else is in our processing list after a failed
+    // BLMOVE was moved by the server without reaching us, and goes back to the queue.
+    let in_flight: Arc<std::sync::Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let mut sweep_needed = false;
     let jobs = TaskTracker::new();
     let job_shutdown = CancellationToken::new();
     let mut redis_errors = 0u32;
@@ -642,22 +703,46 @@ pub async fn run(
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
             _ = shutdown.cancelled() => break,
+            _ = lease_lost.cancelled() => break,
         };
-        if shutdown.is_cancelled() {
+        if shutdown.is_cancelled() || lease_lost.is_cancelled() {
             break;
+        }
+        if sweep_needed {
+            let held = in_flight
+                .lock()
+                .expect("never poisoned: no panics while held")
+                .clone();
+            match queues.sweep_orphans(held).await {
+                Ok(n) => {
+                    sweep_needed = false;
+                    if n > 0 {
+                        warn!(
+                            requeued = n,
+                            "requeued messages moved to us whose delivery was lost"
+                        );
+                    }
+                }
+                Err(e) => warn!(error = %e, "sweeping our processing list failed; will retry"),
+            }
         }
         match queues.take().await {
             Ok(Some(raw)) => {
                 redis_errors = 0;
-                let d = deployer.clone();
-                let stop = job_shutdown.clone();
+                in_flight.lock().expect("never poisoned").push(raw.clone());
+                let (d, stop, held) = (deployer.clone(), job_shutdown.clone(), in_flight.clone());
                 jobs.spawn(async move {
                     let _permit = permit;
                     d.handle(&raw, &stop).await;
+                    let mut held = held.lock().expect("never poisoned");
+                    if let Some(i) = held.iter().position(|m| *m == raw) {
+                        held.swap_remove(i);
+                    }
                 });
             }
             Ok(None) => {}
             Err(e) => {
+                sweep_needed = true;
                 redis_errors = redis_errors.saturating_add(1);
                 let delay = Duration::from_millis(100 * 2u64.pow(redis_errors.min(6)));
                 warn!(error = %e, delay_ms = delay.as_millis() as u64, "taking a message failed");
@@ -669,11 +754,19 @@ pub async fn run(
         }
     }
 
+    jobs.close();
+    if lease_lost.is_cancelled() {
+        // Another process signs with our key now: sending more would collide on nonces.
+        job_shutdown.cancel();
+        jobs.wait().await;
+        stop_background().await;
+        redis.quit().await;
+        anyhow::bail!("signer lease lost; exiting so the orchestrator restarts this worker");
+    }
     info!(
         in_flight = jobs.len(),
         "shutting down: no new messages; draining"
     );
-    jobs.close();
     if tokio::time::timeout(opts.drain_deadline, jobs.wait())
         .await
         .is_err()
@@ -682,15 +775,36 @@ pub async fn run(
         job_shutdown.cancel();
         jobs.wait().await;
     }
-    background.cancel();
-    tasks.close();
-    tasks.wait().await;
+    stop_background().await;
+    release(&queues, &leased).await;
     if let Err(e) = queues.retire().await {
         warn!(error = %e, "could not remove heartbeat");
     }
     redis.quit().await;
     info!("worker stopped");
     Ok(())
+}
+
+/// Leases the first free key of the pool: `(signer address, key)`.
+async fn lease_any(
+    queues: &Queues,
+    keys: &[Secret],
+) -> Result<Option<(String, Secret)>, AttemptError> {
+    for key in keys {
+        let signer = crate::chain::signer(key)?.address().to_string();
+        if queues.lease_signer(&signer).await? {
+            return Ok(Some((signer, key.clone())));
+        }
+    }
+    Ok(None)
+}
+
+async fn release(queues: &Queues, leased: &tokio::sync::OnceCell<String>) {
+    if let Some(signer) = leased.get() {
+        if let Err(e) = queues.release_signer(signer).await {
+            warn!(error = %e, "could not release signer lease; it lapses by itself");
+        }
+    }
 }
 
 /// Connects to the chain, retrying while the RPC is unreachable; `None` if shutdown came first.

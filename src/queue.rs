@@ -47,6 +47,25 @@ while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do n = n + 1 end
 return n
 "#;
 
+/// Returns to the inbound queue every item of our processing list that we are not working on
+/// (counted with multiplicity). Run only while no BLMOVE is outstanding.
+/// KEYS: processing list, inbound. ARGV: the raw messages in flight.
+const SWEEP_SCRIPT: &str = r#"
+local keep = {}
+for _, m in ipairs(ARGV) do keep[m] = (keep[m] or 0) + 1 end
+local moved = 0
+for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if (keep[item] or 0) > 0 then
+    keep[item] = keep[item] - 1
+  else
+    redis.call('LREM', KEYS[1], 1, item)
+    redis.call('RPUSH', KEYS[2], item)
+    moved = moved + 1
+  end
+end
+return moved
+"#;
+
 /// Takes a model lock if it is free, ours, or held by a dead or restarted process.
 /// KEYS: lock. ARGV: owner ("worker|instance|seq"), ttl seconds, heartbeat key prefix.
 const LOCK_SCRIPT: &str = r#"
@@ -66,6 +85,23 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
+/// Takes a signer lease if free, or held by an earlier process of this worker id.
+/// KEYS: lease. ARGV: owner ("worker|instance"), owner's worker prefix ("worker|"), ttl seconds.
+const LEASE_SCRIPT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or cur == ARGV[1] or string.sub(cur, 1, #ARGV[2]) == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+  return 1
+end
+return 0
+"#;
+
+/// Extends a lease we still hold; 0 means another process has it now.
+const RENEW_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"#;
+
 /// The two connections a worker needs: a blocking one for `BLMOVE` alone (a blocking command
 /// stalls every other command on its connection) and one for everything else.
 #[derive(Clone)]
@@ -76,6 +112,10 @@ pub struct Redis {
 
 /// Builds a client that reconnects forever with backoff and bounds every command.
 pub fn client(settings: &Settings) -> Result<Client, QueueError> {
+    client_with_attempts(settings, 3)
+}
+
+fn client_with_attempts(settings: &Settings, attempts: u32) -> Result<Client, QueueError> {
     let config = Config::from_url(&settings.redis.url)?;
     let timeout = Duration::from_millis(settings.redis.command_timeout_ms);
     let client = Builder::from_config(config)
@@ -83,9 +123,8 @@ pub fn client(settings: &Settings) -> Result<Client, QueueError> {
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(5);
             c.internal_command_timeout = timeout;
-            // fred re-sends in-flight commands after a reconnect; a BLMOVE whose reply was lost
-            // may then move a second message, which stays in our list until recovery returns it.
-            c.max_command_attempts = 3;
+            // How often fred sends a command that was in flight when a connection dropped.
+            c.max_command_attempts = attempts;
         })
         // 0 attempts = forever; 100 ms doubling to 5 s: a restarted Redis is found quickly.
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
@@ -98,7 +137,9 @@ impl Redis {
     /// the background and shows as not ready, instead of crashing the process.
     pub fn connect(settings: &Settings) -> Result<Redis, QueueError> {
         let commands = client(settings)?;
-        let blocking = client(settings)?;
+        // Never re-send BLMOVE: a lost reply must surface as an error, after which the worker
+        // sweeps its list for a message the server moved but we never received.
+        let blocking = client_with_attempts(settings, 1)?;
         commands.connect();
         blocking.connect();
         Ok(Redis { commands, blocking })
@@ -210,6 +251,24 @@ impl Queues {
         Ok(())
     }
 
+    /// Requeues items of our processing list that no job of ours holds (see [`SWEEP_SCRIPT`]).
+    pub async fn sweep_orphans(&self, in_flight: Vec<Vec<u8>>) -> Result<u64, QueueError> {
+        let args: Vec<Value> = in_flight
+            .into_iter()
+            .map(|m| Value::Bytes(m.into()))
+            .collect();
+        let n: u64 = self
+            .redis
+            .commands
+            .eval(
+                SWEEP_SCRIPT,
+                vec![self.processing.clone(), self.inbound.clone()],
+                args,
+            )
+            .await?;
+        Ok(n)
+    }
+
     /// Requeues what a previous process with our worker id left in our processing list.
     pub async fn recover_own(&self) -> Result<u64, QueueError> {
         let n: u64 = self
@@ -315,6 +374,60 @@ impl Queues {
 
     fn lock_key(&self, model_id: &str) -> String {
         format!("{}:lock:{model_id}", self.state_prefix)
+    }
+
+    fn lease_key(&self, signer: &str) -> String {
+        format!("{}:signer:{}", self.state_prefix, signer.to_lowercase())
+    }
+
+    fn lease_owner(&self) -> String {
+        format!("{}|{}", self.worker_id, self.instance)
+    }
+
+    /// Leases a deployer key to this process: no other process signs with it until the lease
+    /// lapses (one heartbeat TTL after our last renewal), so nonces are never shared.
+    pub async fn lease_signer(&self, signer: &str) -> Result<bool, QueueError> {
+        let n: i64 = self
+            .redis
+            .commands
+            .eval(
+                LEASE_SCRIPT,
+                vec![self.lease_key(signer)],
+                vec![
+                    self.lease_owner(),
+                    format!("{}|", self.worker_id),
+                    self.heartbeat_ttl.to_string(),
+                ],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Renews our lease; `Ok(false)` means it was lost and signing must stop at once.
+    pub async fn renew_signer(&self, signer: &str) -> Result<bool, QueueError> {
+        let n: i64 = self
+            .redis
+            .commands
+            .eval(
+                RENEW_SCRIPT,
+                vec![self.lease_key(signer)],
+                vec![self.lease_owner(), self.heartbeat_ttl.to_string()],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    pub async fn release_signer(&self, signer: &str) -> Result<(), QueueError> {
+        let _: i64 = self
+            .redis
+            .commands
+            .eval(
+                UNLOCK_SCRIPT,
+                vec![self.lease_key(signer)],
+                vec![self.lease_owner()],
+            )
+            .await?;
+        Ok(())
     }
 
     /// Length of a list (queue depth).

@@ -14,8 +14,9 @@ use hokusai_deployer::localstack::ANVIL_DEV_KEY;
 
 use crate::harness::Stack;
 
-/// anvil's second development account (public test key).
-const OTHER_KEY: &str = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+/// anvil's third development account (public test key): the stack authorises the second one
+/// as a registrar, so the stranger here must be another.
+const OTHER_KEY: &str = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
 
 fn wallet_provider(stack: &Stack, key: &str) -> (DynProvider, Address) {
     let signer: PrivateKeySigner = key.parse().unwrap();

@@ -20,25 +20,41 @@ use tokio_util::sync::CancellationToken;
 /// How long a test waits for an event that should come in well under a second on anvil.
 pub const EVENT_WAIT_SECS: f64 = 60.0;
 
+/// anvil's second development account (public test key), authorised as a second registrar.
+pub const OTHER_KEY: &str = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+
 pub struct Stack {
     pub redis: Service,
     pub anvil: Service,
     pub boot: Bootstrap,
     pub client: Client,
-    _dir: tempfile::TempDir,
+    redis_args: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+/// What a test needs beyond the defaults.
+#[derive(Default)]
+pub struct StackOpts<'a> {
+    pub anvil_args: &'a [&'a str],
+    pub redis_args: &'a [&'a str],
 }
 
 impl Stack {
     pub async fn start() -> Stack {
+        Stack::start_with(StackOpts::default()).await
+    }
+
+    pub async fn start_with(opts: StackOpts<'_>) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
-        let redis = localstack::redis(dir.path(), &[])
+        let redis = localstack::redis(dir.path(), opts.redis_args)
             .await
             .expect("redis-server must start (make tools)");
-        let anvil = localstack::anvil(&[])
+        let anvil = localstack::anvil(opts.anvil_args)
             .await
             .expect("anvil must start (make tools)");
         let base = settings_for(&redis.url("redis"), &anvil.url("http"), None, &[]);
-        let boot = chain::bootstrap(&base, &Secret::new(ANVIL_DEV_KEY), None)
+        let other = chain::signer(&Secret::new(OTHER_KEY)).unwrap().address();
+        let boot = chain::bootstrap(&base, &Secret::new(ANVIL_DEV_KEY), Some(other))
             .await
             .expect("contracts deploy on a fresh anvil");
         let client = hokusai_deployer::queue::client(&base).expect("client");
@@ -48,7 +64,51 @@ impl Stack {
             anvil,
             boot,
             client,
-            _dir: dir,
+            redis_args: opts.redis_args.iter().map(|a| a.to_string()).collect(),
+            dir,
+        }
+    }
+
+    /// SIGKILLs redis-server and starts it again on the same port and data directory.
+    pub async fn restart_redis(&mut self) {
+        self.redis.kill().await;
+        let args: Vec<&str> = self.redis_args.iter().map(String::as_str).collect();
+        self.redis = localstack::redis_on(self.dir.path(), self.redis.port, &args)
+            .await
+            .expect("redis-server restarts on its port");
+    }
+
+    /// The environment a daemon child process gets for this stack.
+    pub fn env(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        env_for(
+            &self.redis.url("redis"),
+            &self.anvil.url("http"),
+            Some(&self.boot),
+            extra,
+        )
+    }
+
+    /// Starts `hokusai-deployer run` as a child process; its log goes to `<tmp>/<name>.log`.
+    pub fn daemon(&self, name: &str, extra_env: &[(&str, &str)], extra_args: &[&str]) -> Daemon {
+        let log_path =
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("log file");
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_hokusai-deployer"));
+        cmd.arg("run")
+            .args(extra_args)
+            .env_clear()
+            .envs(self.env(extra_env))
+            .env("HOKUSAI__LOG__FORMAT", "json")
+            .env("HOKUSAI__LOG__LEVEL", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true);
+        Daemon {
+            child: cmd.spawn().expect("the binary starts"),
         }
     }
 
@@ -73,15 +133,43 @@ impl Stack {
             .expect("lpush");
     }
 
-    /// Waits for the next item of a list (a real blocking pop, not a poll).
+    /// Waits for the next item of a list: a real blocking pop, in slices shorter than the
+    /// client's command timeout, retried across a Redis restart, until `EVENT_WAIT_SECS`.
     pub async fn next(&self, list: &str) -> String {
-        let got: Option<(String, String)> = self
-            .client
-            .brpop(list, EVENT_WAIT_SECS)
-            .await
-            .expect("brpop");
-        got.unwrap_or_else(|| panic!("nothing arrived on {list} within {EVENT_WAIT_SECS} s"))
-            .1
+        let deadline = std::time::Instant::now() + Duration::from_secs_f64(EVENT_WAIT_SECS);
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nothing arrived on {list} within {EVENT_WAIT_SECS} s"
+            );
+            match self
+                .client
+                .brpop::<Option<(String, String)>, _>(list, 2.0)
+                .await
+            {
+                Ok(Some((_, v))) => return v,
+                Ok(None) => {}
+                // fred reports an empty BRPOP as a timeout; a restarting Redis as other errors.
+                Err(e) if *e.kind() == fred::error::ErrorKind::Timeout => {}
+                Err(_) => {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        self.client.wait_for_connect(),
+                    )
+                    .await;
+                }
+            }
+        }
+    }
+
+    /// Lengths of these lists read in one transaction: an atomic snapshot, so a message moving
+    /// between two of them is never missed.
+    pub async fn lens(&self, lists: &[&str]) -> Vec<u64> {
+        let tx = self.client.multi();
+        for l in lists {
+            let _: () = tx.llen(*l).await.expect("queued");
+        }
+        tx.exec(true).await.expect("exec")
     }
 
     pub async fn next_json(&self, list: &str) -> serde_json::Value {
@@ -99,8 +187,16 @@ impl Stack {
     /// Contract creations sent by the dev account, counted block by block: the ground truth
     /// for "one token per model" (registry entries alone would hide an orphan token).
     pub async fn creations(&self) -> usize {
+        self.creations_by(&[ANVIL_DEV_KEY]).await
+    }
+
+    /// Contract creations sent by any of these keys, less the bootstrap's two.
+    pub async fn creations_by(&self, keys: &[&str]) -> usize {
         let p = self.provider();
-        let deployer: Address = self.boot.deployer;
+        let deployers: Vec<Address> = keys
+            .iter()
+            .map(|k| chain::signer(&Secret::new(*k)).unwrap().address())
+            .collect();
         let head = p.get_block_number().await.expect("block number");
         let mut n = 0;
         for b in 0..=head {
@@ -112,7 +208,7 @@ impl Stack {
                 .expect("block exists");
             for tx in block.transactions.txns() {
                 use alloy::consensus::Transaction;
-                if tx.inner.signer() == deployer && tx.inner.kind().is_create() {
+                if deployers.contains(&tx.inner.signer()) && tx.inner.kind().is_create() {
                     n += 1;
                 }
             }
@@ -128,6 +224,17 @@ pub fn settings_for(
     boot: Option<&Bootstrap>,
     extra: &[(&str, &str)],
 ) -> Settings {
+    let env = env_for(redis, rpc, boot, extra);
+    Settings::load(Sources { file: None, env }).expect("test settings are valid")
+}
+
+/// The environment of a worker on this stack: test-friendly timings, the dev key, overrides last.
+pub fn env_for(
+    redis: &str,
+    rpc: &str,
+    boot: Option<&Bootstrap>,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = vec![
         ("HOKUSAI__REDIS__URL".into(), redis.into()),
         ("HOKUSAI__CHAIN__RPC_URLS".into(), rpc.into()),
@@ -150,7 +257,32 @@ pub fn settings_for(
         ));
     }
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    Settings::load(Sources { file: None, env }).expect("test settings are valid")
+    env
+}
+
+/// A worker running as a child process (a real `hokusai-deployer run`).
+pub struct Daemon {
+    child: tokio::process::Child,
+}
+
+impl Daemon {
+    pub async fn sigkill(&mut self) {
+        self.child.kill().await.expect("SIGKILL is delivered");
+    }
+
+    /// SIGTERM, then the exit status within `within` (a hang fails the test).
+    pub async fn sigterm(&mut self, within: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("still running");
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(ok.success());
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("the daemon exits within its drain deadline")
+            .expect("wait works")
+    }
 }
 
 /// An in-process worker, stopped (and awaited) by [`Worker::stop`].
@@ -161,9 +293,9 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(settings: Settings, opts: RunOptions) -> Worker {
-        let key = settings.private_key().unwrap().expect("test key is set");
+        let keys = settings.private_keys().unwrap();
         let stop = CancellationToken::new();
-        let handle = tokio::spawn(pipeline::run(settings, key, opts, stop.clone()));
+        let handle = tokio::spawn(pipeline::run(settings, keys, opts, stop.clone()));
         Worker { stop, handle }
     }
 

@@ -4,5 +4,6 @@
 mod abi;
 mod cli;
 mod contracts;
+mod crash;
 mod harness;
 mod pipeline;
