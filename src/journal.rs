@@ -213,10 +213,4 @@ impl Journal {
             .await?;
         Ok(())
     }
-
-    /// Drops a model's record entirely (after a permanent failure, so a requeue starts clean).
-    pub async fn forget(&self, model_id: &str) -> Result<(), JournalError> {
-        let _: () = self.client.del(self.key(model_id)).await?;
-        Ok(())
-    }
 }
