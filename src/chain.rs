@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use alloy::eips::eip2718::Encodable2718;
 use alloy::eips::BlockId;
 use alloy::network::{EthereumWallet, NetworkTransactionBuilder, TransactionBuilder};
-use alloy::primitives::{Address, Bytes, TxHash, U256};
+use alloy::primitives::{Address, Bytes, TxHash};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::client::RpcClient;
 use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
@@ -67,6 +67,8 @@ pub enum ChainError {
     BadKey(String),
     #[error("invalid rpc url {url}: {reason}")]
     BadUrl { url: String, reason: String },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 impl ChainError {
@@ -81,6 +83,7 @@ impl ChainError {
             | ChainError::WrongChain { .. }
             | ChainError::BadKey(_)
             | ChainError::BadUrl { .. }
+            | ChainError::Config(_)
             | ChainError::Sign(_) => false,
             ChainError::Refused(_) | ChainError::NotMined(_) | ChainError::NonceUsed { .. } => true,
         }
@@ -119,6 +122,7 @@ impl ChainError {
             ChainError::WrongChain { .. }
             | ChainError::BadKey(_)
             | ChainError::BadUrl { .. }
+            | ChainError::Config(_)
             | ChainError::Sign(_) => "CONFIGURATION_ERROR",
         }
     }
@@ -234,13 +238,7 @@ pub enum Call {
 impl Chain {
     /// Connects and checks the chain id; fails fast on a wrong chain or a bad key.
     pub async fn connect(settings: &Settings, key: &Secret) -> Result<Chain, ChainError> {
-        let (registry, manager) =
-            settings
-                .contract_addresses()
-                .map_err(|e| ChainError::BadUrl {
-                    url: "-".into(),
-                    reason: e.to_string(),
-                })?;
+        let (registry, manager) = settings.contract_addresses()?;
         let provider = provider(settings)?;
         let signer = signer(key)?;
         let chain_id = provider.get_chain_id().await?;
@@ -467,10 +465,6 @@ impl Chain {
             }),
         }
     }
-
-    pub async fn balance(&self) -> Result<U256, ChainError> {
-        Ok(self.provider.get_balance(self.signer).await?)
-    }
 }
 
 enum Fees {
@@ -502,16 +496,10 @@ pub async fn bootstrap(
 ) -> Result<Bootstrap, ChainError> {
     let signer = signer(key)?;
     let deployer = signer.address();
+    // The same transport as the worker's (failover, timeouts), with a wallet on top.
     let provider = ProviderBuilder::new()
         .wallet(EthereumWallet::from(signer))
-        .connect_http(
-            settings.chain.rpc_urls[0]
-                .parse()
-                .map_err(|e: url::ParseError| ChainError::BadUrl {
-                    url: mask_url(&settings.chain.rpc_urls[0]),
-                    reason: e.to_string(),
-                })?,
-        );
+        .connect_provider(provider(settings)?);
     let chain_id = provider.get_chain_id().await?;
     let registry = ModelRegistry::deploy(&provider).await?;
     let manager = TokenManager::deploy(&provider, *registry.address()).await?;

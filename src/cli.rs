@@ -161,28 +161,16 @@ async fn local(cli: &Cli, once: bool, shutdown: CancellationToken) -> anyhow::Re
         ("HOKUSAI__CHAIN__RPC_URLS".into(), anvil.url("http")),
         ("HOKUSAI__CHAIN__POLL_INTERVAL_MS".into(), "100".into()),
     ]);
-    let base = Settings::load(Sources {
-        file: cli.config.as_deref(),
-        env: env.clone(),
-    })?;
-    telemetry::init(&base.log);
-    let key = Secret::new(localstack::ANVIL_DEV_KEY);
-    let b = chain::bootstrap(&base, &key, None).await?;
-    eprintln!("contracts: {}", serde_json::to_string(&b)?);
-    env.extend([
-        (
-            "HOKUSAI__CHAIN__MODEL_REGISTRY_ADDRESS".into(),
-            b.model_registry.to_string(),
-        ),
-        (
-            "HOKUSAI__CHAIN__TOKEN_MANAGER_ADDRESS".into(),
-            b.token_manager.to_string(),
-        ),
-    ]);
-    let settings = Settings::load(Sources {
+    let mut settings = Settings::load(Sources {
         file: cli.config.as_deref(),
         env,
     })?;
+    telemetry::init(&settings.log);
+    let key = Secret::new(localstack::ANVIL_DEV_KEY);
+    let b = chain::bootstrap(&settings, &key, None).await?;
+    eprintln!("contracts: {}", serde_json::to_string(&b)?);
+    settings.chain.model_registry_address = b.model_registry.to_string();
+    settings.chain.token_manager_address = b.token_manager.to_string();
 
     let worker_stop = CancellationToken::new();
     let worker = tokio::spawn(pipeline::run(

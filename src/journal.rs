@@ -30,7 +30,8 @@ pub enum Step {
 }
 
 impl Step {
-    fn prefix(self) -> &'static str {
+    /// The step's name: the journal's field prefix and the metrics label.
+    pub fn label(self) -> &'static str {
         match self {
             Step::Deploy => "deploy",
             Step::Register => "register",
@@ -71,6 +72,28 @@ impl Entry {
             Step::Register => self.register.as_ref(),
         }
     }
+
+    /// Mirrors [`Journal::record_tx`] in memory.
+    pub fn set_tx(&mut self, step: Step, rec: TxRecord, token_address: Option<Address>) {
+        match step {
+            Step::Deploy => self.deploy = Some(rec),
+            Step::Register => self.register = Some(rec),
+        }
+        if token_address.is_some() {
+            self.token_address = token_address;
+        }
+    }
+
+    /// Mirrors [`Journal::clear_tx`] in memory.
+    pub fn clear_tx(&mut self, step: Step) {
+        match step {
+            Step::Deploy => {
+                self.deploy = None;
+                self.token_address = None;
+            }
+            Step::Register => self.register = None,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -104,7 +127,7 @@ impl Journal {
             field,
         };
         let tx = |step: Step| -> Result<Option<TxRecord>, JournalError> {
-            let p = step.prefix();
+            let p = step.label();
             let Some(raw) = h.get(&format!("{p}_raw")) else {
                 return Ok(None);
             };
@@ -171,7 +194,7 @@ impl Journal {
         if !self.enabled {
             return Ok(());
         }
-        let p = step.prefix();
+        let p = step.label();
         let mut fields = vec![
             (format!("{p}_signer"), rec.signer.to_string()),
             (format!("{p}_nonce"), rec.nonce.to_string()),
@@ -190,7 +213,7 @@ impl Journal {
         if !self.enabled {
             return Ok(());
         }
-        let p = step.prefix();
+        let p = step.label();
         let mut fields: Vec<String> = ["signer", "nonce", "hash", "raw"]
             .iter()
             .map(|f| format!("{p}_{f}"))

@@ -48,9 +48,6 @@ impl Service {
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
     }
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
 }
 
 /// A port that was free a moment ago (the OS picks it; a clash is retried by the callers).

@@ -563,6 +563,31 @@ pub struct DeadLetter {
     pub original: String,
 }
 
+impl DeadLetter {
+    /// A dead letter for `raw`, failed now; callers fill in what they know of the message.
+    pub fn new(
+        raw: &[u8],
+        error: DeadLetterError,
+        attempts: u32,
+        first_attempt_at: &str,
+        worker_id: &str,
+    ) -> Self {
+        DeadLetter {
+            dlq_version: "1".into(),
+            message_id: fallback_id(raw),
+            model_id: None,
+            error,
+            attempts,
+            first_attempt_at: first_attempt_at.to_owned(),
+            failed_at: rfc3339(Utc::now()),
+            worker_id: worker_id.to_owned(),
+            producer_retry_count: None,
+            producer_max_retries: None,
+            original: String::from_utf8_lossy(raw).into_owned(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetterError {
     pub code: String,

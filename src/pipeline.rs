@@ -180,24 +180,19 @@ impl Deployer {
                     }
                     Err(e) => {
                         error!(error = %e, code = e.code(), attempts = attempt, "giving up on message");
+                        let error = DeadLetterError {
+                            code: e.code().into(),
+                            field: None,
+                            rule: None,
+                            message: e.to_string(),
+                            details: e.details(),
+                        };
                         let letter = DeadLetter {
-                            dlq_version: "1".into(),
                             message_id: msg.message_id.clone(),
                             model_id: Some(msg.model.model_id.clone()),
-                            error: DeadLetterError {
-                                code: e.code().into(),
-                                field: None,
-                                rule: None,
-                                message: e.to_string(),
-                                details: e.details(),
-                            },
-                            attempts: attempt,
-                            first_attempt_at: first_attempt_at.clone(),
-                            failed_at: message::rfc3339(Utc::now()),
-                            worker_id: self.queues.worker_id.clone(),
                             producer_retry_count: msg.producer_retry_count,
                             producer_max_retries: msg.producer_max_retries,
-                            original: String::from_utf8_lossy(raw).into_owned(),
+                            ..DeadLetter::new(raw, error, attempt, &first_attempt_at, &self.queues.worker_id)
                         };
                         return self.dead_letter(raw, letter, shutdown).await;
                     }
@@ -220,24 +215,18 @@ impl Deployer {
                     .map(|s| s.chars().take(128).collect::<String>())
             })
         };
+        let error = DeadLetterError {
+            code: r.code.clone(),
+            field: Some(r.field.clone()),
+            rule: Some(r.rule.clone()),
+            message: r.message.clone(),
+            details: BTreeMap::new(),
+        };
+        let letter = DeadLetter::new(raw, error, 1, at, &self.queues.worker_id);
         DeadLetter {
-            dlq_version: "1".into(),
-            message_id: pick("message_id").unwrap_or_else(|| message::fallback_id(raw)),
+            message_id: pick("message_id").unwrap_or(letter.message_id.clone()),
             model_id: pick("model_id"),
-            error: DeadLetterError {
-                code: r.code.clone(),
-                field: Some(r.field.clone()),
-                rule: Some(r.rule.clone()),
-                message: r.message.clone(),
-                details: BTreeMap::new(),
-            },
-            attempts: 1,
-            first_attempt_at: at.to_owned(),
-            failed_at: message::rfc3339(Utc::now()),
-            worker_id: self.queues.worker_id.clone(),
-            producer_retry_count: None,
-            producer_max_retries: None,
-            original: String::from_utf8_lossy(raw).into_owned(),
+            ..letter
         }
     }
 
@@ -433,7 +422,7 @@ impl Deployer {
             }
             warn!(step = ?step, hash = %rec.hash, nonce = rec.nonce, "journaled transaction can no longer land; rebuilding");
             self.journal.clear_tx(model_id, step).await?;
-            clear(entry, step);
+            entry.clear_tx(step);
         }
         let gas = self.chain.estimate(&call).await?;
         let journal = &self.journal;
@@ -455,15 +444,9 @@ impl Deployer {
             }
             Err(e) => return Err(e.into()),
         };
-        if let Some(a) = signed.contract_address {
-            entry.token_address = Some(a);
-        }
         let rec = signed.record;
         info!(step = ?step, hash = %rec.hash, nonce = rec.nonce, "transaction sent");
-        match step {
-            Step::Deploy => entry.deploy = Some(rec.clone()),
-            Step::Register => entry.register = Some(rec.clone()),
-        }
+        entry.set_tx(step, rec.clone(), signed.contract_address);
         self.mined(entry, model_id, step, &rec).await
     }
 
@@ -476,14 +459,14 @@ impl Deployer {
     ) -> Result<Mined, AttemptError> {
         match self.chain.wait_mined(rec.hash).await {
             Ok(m) => {
-                metrics::counter!("hokusai_gas_used_total", "step" => step_label(step))
+                metrics::counter!("hokusai_gas_used_total", "step" => step.label())
                     .increment(m.gas_used);
                 Ok(m)
             }
             Err(e @ ChainError::Reverted { .. }) => {
                 // A reverted transaction is final; forget it so a requeue starts this step over.
                 self.journal.clear_tx(model_id, step).await?;
-                clear(entry, step);
+                entry.clear_tx(step);
                 Err(e.into())
             }
             Err(e) => Err(e.into()),
@@ -532,23 +515,6 @@ impl Deployer {
                 .map(|r| r.gas_used.to_string())
                 .unwrap_or_default(),
         }
-    }
-}
-
-fn clear(entry: &mut Entry, step: Step) {
-    match step {
-        Step::Deploy => {
-            entry.deploy = None;
-            entry.token_address = None;
-        }
-        Step::Register => entry.register = None,
-    }
-}
-
-fn step_label(step: Step) -> &'static str {
-    match step {
-        Step::Deploy => "deploy",
-        Step::Register => "register",
     }
 }
 

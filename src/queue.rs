@@ -156,6 +156,9 @@ impl Redis {
 pub struct Queues {
     redis: Redis,
     pub inbound: String,
+    /// Prefix of every worker's processing list.
+    processing_prefix: String,
+    /// This worker's processing list.
     pub processing: String,
     pub dlq: String,
     pub outbound: String,
@@ -174,6 +177,7 @@ impl Queues {
         Queues {
             redis,
             inbound: q.inbound.clone(),
+            processing_prefix: q.processing.clone(),
             processing: format!("{}:{worker_id}", q.processing),
             dlq: q.dlq.clone(),
             outbound: q.outbound.clone(),
@@ -186,16 +190,18 @@ impl Queues {
         }
     }
 
-    pub fn commands(&self) -> &Client {
-        &self.redis.commands
+    fn processing_of(&self, worker: &str) -> String {
+        format!("{}:{worker}", self.processing_prefix)
     }
 
-    fn processing_of(&self, worker: &str) -> String {
-        let base = self
-            .processing
-            .strip_suffix(&format!(":{}", self.worker_id))
-            .unwrap_or(&self.processing);
-        format!("{base}:{worker}")
+    /// Runs one of this module's Lua scripts on the command connection.
+    async fn script<R: FromValue>(
+        &self,
+        script: &'static str,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<R, QueueError> {
+        Ok(self.redis.commands.eval(script, keys, args).await?)
     }
 
     fn heartbeat_prefix(&self) -> String {
@@ -253,34 +259,26 @@ impl Queues {
 
     /// Requeues items of our processing list that no job of ours holds (see [`SWEEP_SCRIPT`]).
     pub async fn sweep_orphans(&self, in_flight: Vec<Vec<u8>>) -> Result<u64, QueueError> {
-        let args: Vec<Value> = in_flight
+        let args = in_flight
             .into_iter()
             .map(|m| Value::Bytes(m.into()))
             .collect();
-        let n: u64 = self
-            .redis
-            .commands
-            .eval(
-                SWEEP_SCRIPT,
-                vec![self.processing.clone(), self.inbound.clone()],
-                args,
-            )
-            .await?;
-        Ok(n)
+        self.script(
+            SWEEP_SCRIPT,
+            vec![self.processing.clone(), self.inbound.clone()],
+            args,
+        )
+        .await
     }
 
     /// Requeues what a previous process with our worker id left in our processing list.
     pub async fn recover_own(&self) -> Result<u64, QueueError> {
-        let n: u64 = self
-            .redis
-            .commands
-            .eval(
-                REQUEUE_SCRIPT,
-                vec![self.processing.clone(), self.inbound.clone()],
-                Vec::<String>::new(),
-            )
-            .await?;
-        Ok(n)
+        self.script(
+            REQUEUE_SCRIPT,
+            vec![self.processing.clone(), self.inbound.clone()],
+            vec![],
+        )
+        .await
     }
 
     /// Announces this worker alive for `heartbeat_ttl` seconds.
@@ -324,9 +322,7 @@ impl Queues {
                 self.workers_key(),
             ];
             let n: i64 = self
-                .redis
-                .commands
-                .eval(REAP_SCRIPT, keys, vec![w.clone()])
+                .script(REAP_SCRIPT, keys, vec![w.as_str().into()])
                 .await?;
             if n > 0 {
                 tracing::warn!(worker = %w, requeued = n, "requeued a dead worker's messages");
@@ -343,30 +339,23 @@ impl Queues {
         owner: &str,
         ttl_secs: u64,
     ) -> Result<bool, QueueError> {
+        let args = vec![
+            owner.into(),
+            ttl_secs.to_string().into(),
+            self.heartbeat_prefix().into(),
+        ];
         let n: i64 = self
-            .redis
-            .commands
-            .eval(
-                LOCK_SCRIPT,
-                vec![self.lock_key(model_id)],
-                vec![
-                    owner.to_owned(),
-                    ttl_secs.to_string(),
-                    self.heartbeat_prefix(),
-                ],
-            )
+            .script(LOCK_SCRIPT, vec![self.lock_key(model_id)], args)
             .await?;
         Ok(n == 1)
     }
 
     pub async fn unlock_model(&self, model_id: &str, owner: &str) -> Result<(), QueueError> {
         let _: i64 = self
-            .redis
-            .commands
-            .eval(
+            .script(
                 UNLOCK_SCRIPT,
                 vec![self.lock_key(model_id)],
-                vec![owner.to_owned()],
+                vec![owner.into()],
             )
             .await?;
         Ok(())
@@ -387,52 +376,35 @@ impl Queues {
     /// Leases a deployer key to this process: no other process signs with it until the lease
     /// lapses (one heartbeat TTL after our last renewal), so nonces are never shared.
     pub async fn lease_signer(&self, signer: &str) -> Result<bool, QueueError> {
+        let args = vec![
+            self.lease_owner().into(),
+            format!("{}|", self.worker_id).into(),
+            self.heartbeat_ttl.to_string().into(),
+        ];
         let n: i64 = self
-            .redis
-            .commands
-            .eval(
-                LEASE_SCRIPT,
-                vec![self.lease_key(signer)],
-                vec![
-                    self.lease_owner(),
-                    format!("{}|", self.worker_id),
-                    self.heartbeat_ttl.to_string(),
-                ],
-            )
+            .script(LEASE_SCRIPT, vec![self.lease_key(signer)], args)
             .await?;
         Ok(n == 1)
     }
 
     /// Renews our lease; `Ok(false)` means it was lost and signing must stop at once.
     pub async fn renew_signer(&self, signer: &str) -> Result<bool, QueueError> {
+        let args = vec![
+            self.lease_owner().into(),
+            self.heartbeat_ttl.to_string().into(),
+        ];
         let n: i64 = self
-            .redis
-            .commands
-            .eval(
-                RENEW_SCRIPT,
-                vec![self.lease_key(signer)],
-                vec![self.lease_owner(), self.heartbeat_ttl.to_string()],
-            )
+            .script(RENEW_SCRIPT, vec![self.lease_key(signer)], args)
             .await?;
         Ok(n == 1)
     }
 
     pub async fn release_signer(&self, signer: &str) -> Result<(), QueueError> {
+        let args = vec![self.lease_owner().into()];
         let _: i64 = self
-            .redis
-            .commands
-            .eval(
-                UNLOCK_SCRIPT,
-                vec![self.lease_key(signer)],
-                vec![self.lease_owner()],
-            )
+            .script(UNLOCK_SCRIPT, vec![self.lease_key(signer)], args)
             .await?;
         Ok(())
-    }
-
-    /// Length of a list (queue depth).
-    pub async fn depth(&self, key: &str) -> Result<u64, QueueError> {
-        Ok(self.redis.commands.llen(key).await?)
     }
 }
 

@@ -4,9 +4,11 @@
 //! Expected reverts are checked with `eth_call`: a failed `send()` would still advance alloy's
 //! cached nonce and leave a gap that stalls every later transaction of that account.
 
+use alloy::contract::{CallBuilder, CallDecoder};
 use alloy::network::EthereumWallet;
 use alloy::primitives::{Address, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::rpc::types::TransactionReceipt;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolEvent;
 use hokusai_deployer::chain::{HokusaiToken, ModelRegistry, TokenManager};
@@ -17,6 +19,17 @@ use crate::harness::Stack;
 /// anvil's third development account (public test key): the stack authorises the second one
 /// as a registrar, so the stranger here must be another.
 const OTHER_KEY: &str = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
+
+/// Sends a transaction that must succeed and waits for its receipt.
+trait Mine {
+    async fn mine(self) -> TransactionReceipt;
+}
+
+impl<P: Provider, D: CallDecoder> Mine for CallBuilder<P, D> {
+    async fn mine(self) -> TransactionReceipt {
+        self.send().await.unwrap().get_receipt().await.unwrap()
+    }
+}
 
 fn wallet_provider(stack: &Stack, key: &str) -> (DynProvider, Address) {
     let signer: PrivateKeySigner = key.parse().unwrap();
@@ -77,12 +90,8 @@ async fn token_registry_and_manager_enforce_their_roles() {
     let reg = ModelRegistry::new(stack.boot.model_registry, &owner);
     let receipt = reg
         .registerModel("m1".into(), *token.address(), "accuracy".into())
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
+        .mine()
+        .await;
     let logged = receipt
         .inner
         .logs()
@@ -144,42 +153,24 @@ async fn token_registry_and_manager_enforce_their_roles() {
         "{:?}",
         errs[3]
     );
-    reg.setRegistrar(other_addr, true)
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
+    reg.setRegistrar(other_addr, true).mine().await;
     reg_other
         .registerModel("m2".into(), *token2.address(), "f1".into())
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
+        .mine()
+        .await;
 
     // The manager (the controller) mints and burns for its owner only, and only registered models.
     let mgr = TokenManager::new(manager_addr, &owner);
     mgr.mintTokens("m1".into(), other_addr, U256::from(1000))
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
+        .mine()
+        .await;
     assert_eq!(
         token.balanceOf(other_addr).call().await.unwrap(),
         U256::from(1000)
     );
     mgr.burnTokens("m1".into(), other_addr, U256::from(400))
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
+        .mine()
+        .await;
     assert_eq!(
         token.balanceOf(other_addr).call().await.unwrap(),
         U256::from(600)
@@ -203,27 +194,13 @@ async fn token_registry_and_manager_enforce_their_roles() {
     // The owner hands control over (ControllerSet); a stranger cannot.
     let t_other = HokusaiToken::new(*token.address(), &other);
     assert!(t_other.setController(other_addr).call().await.is_err());
-    let r = token
-        .setController(other_addr)
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
+    let r = token.setController(other_addr).mine().await;
     assert!(r
         .inner
         .logs()
         .iter()
         .any(|l| HokusaiToken::ControllerSet::decode_log(&l.inner).is_ok()));
-    t_other
-        .mint(other_addr, U256::from(5))
-        .send()
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
+    t_other.mint(other_addr, U256::from(5)).mine().await;
     assert_eq!(
         token.balanceOf(other_addr).call().await.unwrap(),
         U256::from(605)
