@@ -6,15 +6,20 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: tools redis-server node-tools abi abi-check test run-local lint fmt clean
+.PHONY: tools redis-server promtool node-tools abi abi-check test run-local lint fmt clean
 
-## Install what the tests and the local stack need, when missing: redis-server (Debian),
-## and the pinned npm toolchain in contracts/ (solcjs, OpenZeppelin, anvil, cast).
-tools: redis-server node-tools
+## Install what the tests and the local stack need, when missing: redis-server and promtool
+## (Debian), and the pinned npm toolchain in contracts/ (solcjs, OpenZeppelin, anvil, cast).
+tools: redis-server promtool node-tools
 
 redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 	@redis-server --version
+
+## promtool checks the /metrics exposition in the tests (Debian package `prometheus`).
+promtool:
+	@command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@promtool --version | head -1
 
 node-tools: contracts/node_modules/.package-lock.json
 

@@ -11,13 +11,14 @@ use alloy::network::{EthereumWallet, NetworkTransactionBuilder, TransactionBuild
 use alloy::primitives::{Address, Bytes, TxHash};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::client::RpcClient;
+use alloy::rpc::json_rpc::{RequestPacket, ResponsePacket};
 use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol;
 use alloy::sol_types::{SolCall, SolConstructor};
 use alloy::transports::http::{reqwest, Http};
 use alloy::transports::layers::FallbackLayer;
-use alloy::transports::{RpcError, TransportErrorKind};
+use alloy::transports::{RpcError, TransportError, TransportErrorKind, TransportFut};
 use tokio::sync::Mutex;
 use tower::ServiceBuilder;
 
@@ -174,12 +175,57 @@ pub fn provider(settings: &Settings) -> Result<DynProvider, ChainError> {
     let fallback = FallbackLayer::default()
         .with_active_transport_count(active)
         .with_sequential_method("eth_sendRawTransaction");
-    let service = ServiceBuilder::new().layer(fallback).service(transports);
+    let service = ServiceBuilder::new()
+        .layer_fn(|inner| RpcTimed { inner })
+        .layer(fallback)
+        .service(transports);
     let client = RpcClient::builder().transport(service, false);
     Ok(ProviderBuilder::new()
         .disable_recommended_fillers()
         .connect_client(client)
         .erased())
+}
+
+/// Records each JSON-RPC request's latency by method (`hokusai_rpc_request_duration_seconds`).
+#[derive(Clone)]
+struct RpcTimed<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<RequestPacket> for RpcTimed<S>
+where
+    S: tower::Service<
+            RequestPacket,
+            Response = ResponsePacket,
+            Error = TransportError,
+            Future = TransportFut<'static>,
+        > + Send,
+{
+    type Response = ResponsePacket;
+    type Error = TransportError;
+    type Future = TransportFut<'static>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: RequestPacket) -> Self::Future {
+        let method = match &req {
+            RequestPacket::Single(r) => r.method().to_owned(),
+            RequestPacket::Batch(_) => "batch".to_owned(),
+        };
+        let started = Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let r = fut.await;
+            metrics::histogram!(crate::telemetry::names::RPC_DURATION, "method" => method)
+                .record(started.elapsed().as_secs_f64());
+            r
+        })
+    }
 }
 
 pub fn signer(key: &Secret) -> Result<PrivateKeySigner, ChainError> {

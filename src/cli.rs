@@ -1,7 +1,9 @@
-//! The command line: `run` (the daemon), `contracts deploy`, `local` (the quick start),
-//! `push` and `check-config`. `main.rs` only parses and calls [`dispatch`].
+//! The command line: `run` (the daemon), `contracts deploy`, `local` (the quick start), `push`,
+//! `check-config`, and the operator's commands (`dlq`, `queue stats`, `pause`, `resume`,
+//! `audit tail`). `main.rs` only parses and calls [`dispatch`].
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,8 +11,10 @@ use clap::{Parser, Subcommand};
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{Admin, Letter, Stats};
 use crate::config::{Secret, Settings, Sources};
-use crate::{chain, localstack, pipeline, queue, telemetry};
+use crate::pipeline::WorkerStatus;
+use crate::{audit, chain, localstack, ops, pipeline, queue, telemetry};
 
 /// The sample message of the quick start: the producer's envelope, as the ML platform writes it.
 pub const SAMPLE_MESSAGE: &str = include_str!("../tests/data/producer-envelope.json");
@@ -54,8 +58,104 @@ pub enum Command {
     },
     /// Push a message (a file, or - for standard input) onto the inbound queue.
     Push { file: PathBuf },
-    /// Load and validate the configuration, print it with secrets redacted.
+    /// Load and validate the configuration, print it with secrets redacted; non-zero on error.
     CheckConfig,
+    /// Inspect, requeue or purge the dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Queue depths, workers and the pause flag.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+    /// Stop every worker from taking new messages (in-flight work finishes).
+    Pause {
+        /// Why, for the audit trail and the health page.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        who: Operator,
+    },
+    /// Let the workers take messages again.
+    Resume {
+        #[command(flatten)]
+        who: Operator,
+    },
+    /// Read the audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+/// Who runs an operator command, recorded in the audit trail.
+#[derive(Debug, clap::Args)]
+pub struct Operator {
+    /// Operator name for the audit trail (default: $USER).
+    #[arg(long, env = "USER", default_value = "unknown")]
+    operator: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters, newest first.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+        /// One JSON object per line (the stored entries).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the dead letters of one message id.
+    Show { message_id: String },
+    /// Move dead letters back to the inbound queue (atomically: concurrent runs never double one).
+    Requeue {
+        /// The message id to requeue.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        message_id: Option<String>,
+        /// Requeue every dead letter, oldest first.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        who: Operator,
+    },
+    /// Delete every dead letter.
+    Purge {
+        /// Required: purging cannot be undone.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        who: Operator,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Depths of the inbound, processing, dead-letter, outbound and failure queues, and workers.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Print the newest audit entries, oldest first.
+    Tail {
+        /// How many entries.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        count: u64,
+        /// Keep printing new entries until Ctrl-C.
+        #[arg(short, long)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,11 +189,17 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             telemetry::init(&settings.log);
             settings.contract_addresses()?;
             require_key(&settings)?;
+            let status = Arc::new(WorkerStatus::default());
+            let listener = ops::bind(&settings).await?;
+            let ops = Ops::start(&settings, listener, status.clone())?;
             let opts = pipeline::RunOptions {
                 drain_deadline: Duration::from_secs(*drain_secs),
                 journal: !*unsafe_no_journal,
+                status,
             };
-            pipeline::run(settings.clone(), settings.private_keys()?, opts, shutdown).await
+            let r = pipeline::run(settings.clone(), settings.private_keys()?, opts, shutdown).await;
+            ops.stop().await;
+            r
         }
         Command::Contracts {
             command: ContractsCommand::Deploy { registrar },
@@ -141,7 +247,248 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             Ok(())
         }
         Command::Local { once } => local(&cli, *once, shutdown).await,
+        Command::Dlq { command } => dlq(&cli, command).await,
+        Command::Queue {
+            command: QueueCommand::Stats { json },
+        } => {
+            let (admin, client) = admin(&cli, "stats").await?;
+            let stats = admin.stats().await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                print_stats(&stats);
+            }
+            let _ = client.quit().await;
+            Ok(())
+        }
+        Command::Pause { reason, who } => {
+            let (admin, client) = admin(&cli, &who.operator).await?;
+            let p = admin.pause(&who.operator, reason).await?;
+            println!(
+                "paused by {} at {}: workers take no new messages within a second",
+                p.by, p.at
+            );
+            let _ = client.quit().await;
+            Ok(())
+        }
+        Command::Resume { who } => {
+            let (admin, client) = admin(&cli, &who.operator).await?;
+            let was = admin.resume().await?;
+            println!("{}", if was { "resumed" } else { "was not paused" });
+            let _ = client.quit().await;
+            Ok(())
+        }
+        Command::Audit {
+            command:
+                AuditCommand::Tail {
+                    count,
+                    follow,
+                    json,
+                },
+        } => {
+            let settings = load(&cli)?;
+            let client = connect(&settings).await?;
+            let key = audit::key(&settings);
+            let mut last = "$".to_owned();
+            for r in audit::tail(&client, &key, *count).await? {
+                print_audit(&r, *json);
+                last = r.id;
+            }
+            while *follow && !shutdown.is_cancelled() {
+                let batch = tokio::select! {
+                    b = audit::after(&client, &key, &last, 1000) => b?,
+                    _ = shutdown.cancelled() => break,
+                };
+                for r in batch {
+                    print_audit(&r, *json);
+                    last = r.id;
+                }
+            }
+            let _ = client.quit().await;
+            Ok(())
+        }
     }
+}
+
+/// The ops server of a worker process, stopped after the worker.
+struct Ops {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    state: Arc<ops::OpsState>,
+}
+
+impl Ops {
+    fn start(
+        settings: &Settings,
+        listener: tokio::net::TcpListener,
+        status: Arc<WorkerStatus>,
+    ) -> anyhow::Result<Ops> {
+        let metrics = telemetry::install_metrics()?;
+        let state = ops::OpsState::new(settings, Some(metrics), Some(status))?;
+        let stop = CancellationToken::new();
+        tracing::info!(addr = %listener.local_addr()?, "ops server listening (/health, /health/ready, /health/detailed, /metrics)");
+        let task = tokio::spawn(ops::serve(listener, state.clone(), stop.clone()));
+        Ok(Ops { stop, task, state })
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+        self.state.close().await;
+    }
+}
+
+async fn connect(settings: &Settings) -> anyhow::Result<fred::prelude::Client> {
+    let client = queue::client(settings)?;
+    client.init().await.context("connecting to redis")?;
+    Ok(client)
+}
+
+async fn admin(cli: &Cli, operator: &str) -> anyhow::Result<(Admin, fred::prelude::Client)> {
+    let settings = load(cli)?;
+    let client = connect(&settings).await?;
+    let actor = format!("operator:{operator}");
+    Ok((Admin::new(client.clone(), &settings, &actor), client))
+}
+
+async fn dlq(cli: &Cli, command: &DlqCommand) -> anyhow::Result<()> {
+    let operator = match command {
+        DlqCommand::Requeue { who, .. } | DlqCommand::Purge { who, .. } => who.operator.as_str(),
+        _ => "read-only",
+    };
+    let (admin, client) = admin(cli, operator).await?;
+    let r = match command {
+        DlqCommand::List { limit, json } => {
+            let letters = admin.dlq_list(*limit).await?;
+            for l in &letters {
+                if *json {
+                    println!("{}", l.raw);
+                } else {
+                    println!("{}", summary(l));
+                }
+            }
+            if !*json {
+                eprintln!("{} shown", letters.len());
+            }
+            Ok(())
+        }
+        DlqCommand::Show { message_id } => {
+            let letters = admin.dlq_show(message_id).await?;
+            if letters.is_empty() {
+                Err(anyhow::anyhow!(
+                    "no dead letter with message id {message_id}"
+                ))
+            } else {
+                for l in letters {
+                    let v: serde_json::Value = serde_json::from_str(&l.raw)?;
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+                Ok(())
+            }
+        }
+        DlqCommand::Requeue {
+            message_id, json, ..
+        } => {
+            let moved = match message_id {
+                Some(id) => admin.dlq_requeue(id).await?,
+                None => admin.dlq_requeue_all().await?,
+            };
+            if *json {
+                println!("{}", serde_json::json!({ "requeued": moved }));
+            } else {
+                println!("requeued {moved} message(s)");
+            }
+            match message_id {
+                Some(id) if moved == 0 => {
+                    Err(anyhow::anyhow!("no dead letter with message id {id}"))
+                }
+                _ => Ok(()),
+            }
+        }
+        DlqCommand::Purge { yes, .. } => {
+            if !*yes {
+                Err(anyhow::anyhow!(
+                    "purging deletes every dead letter for good; add --yes to confirm"
+                ))
+            } else {
+                let n = admin.dlq_purge().await?;
+                println!("purged {n} dead letter(s)");
+                Ok(())
+            }
+        }
+    };
+    let _ = client.quit().await;
+    r
+}
+
+fn summary(l: &Letter) -> String {
+    match &l.entry {
+        Some(e) => format!(
+            "{}  {}  model={}  {}{}  attempts={}  failed_at={}",
+            e.message_id,
+            e.error.code,
+            e.model_id.as_deref().unwrap_or("-"),
+            e.error
+                .field
+                .as_deref()
+                .map(|f| format!("field={f} "))
+                .unwrap_or_default(),
+            e.error
+                .rule
+                .as_deref()
+                .map(|r| format!("rule={r}"))
+                .unwrap_or_default(),
+            e.attempts,
+            e.failed_at
+        ),
+        None => format!(
+            "(not a dead letter of ours) {}",
+            l.raw.chars().take(120).collect::<String>()
+        ),
+    }
+}
+
+fn print_stats(s: &Stats) {
+    println!("inbound     {}", s.inbound);
+    println!("processing  {}", s.processing);
+    println!("dlq         {}", s.dlq);
+    println!("outbound    {}", s.outbound);
+    println!("failures    {}", s.failures);
+    match &s.paused {
+        Some(p) => println!("paused      yes, by {} at {} ({})", p.by, p.at, p.reason),
+        None => println!("paused      no"),
+    }
+    println!("workers     {}", s.workers.len());
+    for w in &s.workers {
+        println!(
+            "  {}  {}  heartbeat ttl {} s  processing {}",
+            w.worker_id,
+            if w.alive { "alive" } else { "dead" },
+            w.heartbeat_ttl_secs,
+            w.processing
+        );
+    }
+}
+
+fn print_audit(r: &audit::Record, json: bool) {
+    if json {
+        println!("{}", serde_json::json!({ "id": r.id, "fields": r.fields }));
+        return;
+    }
+    let get = |k: &str| r.fields.get(k).map(String::as_str).unwrap_or("");
+    let rest: Vec<String> = r
+        .fields
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "at" | "action" | "actor"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!(
+        "{} {:<15} {:<24} {}",
+        get("at"),
+        get("action"),
+        get("actor"),
+        rest.join(" ")
+    );
 }
 
 /// The quick start: everything on loopback, nothing left behind when it exits.
@@ -172,11 +519,29 @@ async fn local(cli: &Cli, once: bool, shutdown: CancellationToken) -> anyhow::Re
     settings.chain.model_registry_address = b.model_registry.to_string();
     settings.chain.token_manager_address = b.token_manager.to_string();
 
+    // The configured ops port, or any free one if it is taken (the quick start must not fail).
+    let listener = match ops::bind(&settings).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{e}; using a free port instead");
+            settings.ops.port = 0;
+            ops::bind(&settings).await?
+        }
+    };
+    eprintln!(
+        "ops server on http://{}/health/detailed",
+        listener.local_addr()?
+    );
+    let status = Arc::new(WorkerStatus::default());
+    let ops = Ops::start(&settings, listener, status.clone())?;
     let worker_stop = CancellationToken::new();
     let worker = tokio::spawn(pipeline::run(
         settings.clone(),
         vec![key],
-        Default::default(),
+        pipeline::RunOptions {
+            status,
+            ..Default::default()
+        },
         worker_stop.clone(),
     ));
 
@@ -200,6 +565,7 @@ async fn local(cli: &Cli, once: bool, shutdown: CancellationToken) -> anyhow::Re
     }
     worker_stop.cancel();
     worker.await??;
+    ops.stop().await;
     let _ = client.quit().await;
     drop((redis, anvil));
     Ok(())

@@ -188,6 +188,19 @@ pub struct LogSettings {
     pub format: String,
 }
 
+/// The operations HTTP server (health, readiness, metrics) and the audit trail.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct OpsSettings {
+    /// Address the ops server binds.
+    pub bind: String,
+    /// Port of `/health`, `/health/ready`, `/health/detailed` and `/metrics`; 0 picks a free one.
+    pub port: u16,
+    /// Each readiness probe (Redis, RPC, registry) gives up after this long.
+    pub probe_timeout_ms: u64,
+    /// The audit stream keeps about this many entries (`XADD MAXLEN ~`).
+    pub audit_max_len: u64,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 pub struct Network {
     pub name: String,
@@ -202,6 +215,7 @@ pub struct Settings {
     pub chain: ChainSettings,
     pub pipeline: PipelineSettings,
     pub log: LogSettings,
+    pub ops: OpsSettings,
     #[serde(default)]
     pub networks: BTreeMap<String, Network>,
 }
@@ -362,6 +376,12 @@ impl Settings {
         }
         if self.pipeline.heartbeat_ttl_secs < 3 {
             return Err(invalid("pipeline.heartbeat_ttl_secs", "must be at least 3"));
+        }
+        if self.ops.bind.parse::<std::net::IpAddr>().is_err() {
+            return Err(invalid("ops.bind", "must be an IP address such as 0.0.0.0"));
+        }
+        if self.ops.probe_timeout_ms == 0 {
+            return Err(invalid("ops.probe_timeout_ms", "must be at least 1"));
         }
         if self.chain.poll_interval_ms == 0 {
             return Err(invalid("chain.poll_interval_ms", "must be at least 1"));

@@ -7,12 +7,15 @@
 //! the message ([`pipeline`]). [`config`] builds the settings; [`localstack`] starts Redis and
 //! anvil for the quick start and the tests; [`cli`] is the command line.
 
+pub mod admin;
+pub mod audit;
 pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod journal;
 pub mod localstack;
 pub mod message;
+pub mod ops;
 pub mod pipeline;
 pub mod queue;
 pub mod telemetry;

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn, Instrument};
 
+use crate::audit::{Audit, Fields};
 use crate::chain::{Call, Chain, ChainError, Mined, SendError};
 use crate::config::{Secret, Settings};
 use crate::journal::{Entry, Journal, JournalError, Step, TxRecord};
@@ -25,6 +26,7 @@ use crate::message::{
     self, DeadLetter, DeadLetterError, DeploymentFailed, Inbound, Rejection, Rules, TokenDeployed,
 };
 use crate::queue::{QueueError, Queues, Redis};
+use crate::telemetry::names;
 
 /// Why one attempt at a message failed, sorted once into retry or give up.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +97,7 @@ pub struct Deployer {
     chain: Chain,
     rules: Rules,
     lock_seq: AtomicU64,
+    audit: Audit,
 }
 
 /// Where a message ended.
@@ -112,7 +115,9 @@ impl Deployer {
             max_message_bytes: settings.pipeline.max_message_bytes,
             min_improvement_percentage: settings.pipeline.min_improvement_percentage,
         };
+        let audit = Audit::new(queues.client().clone(), &settings, queues.worker_id.clone());
         Deployer {
+            audit,
             settings,
             queues,
             journal,
@@ -142,7 +147,7 @@ impl Deployer {
             Err(rejection) => {
                 warn!(message_id = %message::fallback_id(raw), code = %rejection.code, field = %rejection.field, rule = %rejection.rule, "message rejected");
                 let letter = self.letter_for_rejection(raw, &rejection, &first_attempt_at);
-                return self.dead_letter(raw, letter, shutdown).await;
+                return self.dead_letter(raw, letter, "rejected", shutdown).await;
             }
         };
         let span = tracing::info_span!(
@@ -156,23 +161,54 @@ impl Deployer {
             let mut attempt: u32 = 0;
             loop {
                 attempt += 1;
+                // Every line of an attempt carries all correlation fields (one span, flat).
+                let attempt_span = tracing::info_span!(
+                    "attempt",
+                    message_id = %msg.message_id,
+                    model_id = %msg.model.model_id,
+                    mlflow_run_id = msg.model.mlflow_run_id.as_deref().unwrap_or(""),
+                    attempt,
+                );
+                self.audit
+                    .record("attempt", self.fields(&msg.message_id, &msg.model.model_id, [("attempt", attempt.to_string())]))
+                    .await;
                 let result = self
                     .attempt(&msg, &first_attempt_at)
-                    .instrument(tracing::info_span!("attempt", attempt))
+                    .instrument(attempt_span)
                     .await;
                 match result {
-                    Ok(event) => {
+                    Ok((event, created)) => {
                         let outcome = self.publish(raw, &event, shutdown).await;
                         if outcome == Outcome::Deployed {
-                            info!(elapsed_ms = started.elapsed().as_millis() as u64, "token deployed and event published");
-                            metrics::counter!("hokusai_messages_total", "result" => "deployed").increment(1);
+                            let elapsed = started.elapsed();
+                            info!(elapsed_ms = elapsed.as_millis() as u64, created, "token deployed and event published");
+                            let how = if created { "created" } else { "republished" };
+                            metrics::counter!(names::MESSAGES, "result" => "deployed").increment(1);
+                            metrics::counter!(names::DEPLOYMENTS, "outcome" => how).increment(1);
+                            metrics::histogram!(names::DEPLOYMENT_DURATION).record(elapsed.as_secs_f64());
+                            let token = serde_json::from_str::<TokenDeployed>(&event).map(|e| e.token_address).unwrap_or_default();
+                            self.audit
+                                .record("deployed", self.fields(&msg.message_id, &msg.model.model_id, [
+                                    ("attempt", attempt.to_string()),
+                                    ("result", how.to_owned()),
+                                    ("token_address", token),
+                                    ("elapsed_ms", elapsed.as_millis().to_string()),
+                                ]))
+                                .await;
                         }
                         return outcome;
                     }
                     Err(e) if e.is_retryable() && attempt <= self.settings.pipeline.max_retries => {
                         let delay = delays.next().unwrap_or(Duration::from_secs(1));
-                        warn!(error = %e, code = e.code(), delay_ms = delay.as_millis() as u64, "attempt failed, retrying");
-                        metrics::counter!("hokusai_retries_total", "code" => e.code()).increment(1);
+                        warn!(error = %e, code = e.code(), attempt, delay_ms = delay.as_millis() as u64, "attempt failed, retrying");
+                        metrics::counter!(names::RETRIES, "code" => e.code()).increment(1);
+                        self.audit
+                            .record("retry", self.fields(&msg.message_id, &msg.model.model_id, [
+                                ("attempt", attempt.to_string()),
+                                ("code", e.code().to_owned()),
+                                ("error", e.to_string()),
+                            ]))
+                            .await;
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}
                             _ = shutdown.cancelled() => return Outcome::Abandoned,
@@ -180,6 +216,7 @@ impl Deployer {
                     }
                     Err(e) => {
                         error!(error = %e, code = e.code(), attempts = attempt, "giving up on message");
+                        metrics::counter!(names::DEPLOYMENTS, "outcome" => "failed").increment(1);
                         let error = DeadLetterError {
                             code: e.code().into(),
                             field: None,
@@ -194,7 +231,7 @@ impl Deployer {
                             producer_max_retries: msg.producer_max_retries,
                             ..DeadLetter::new(raw, error, attempt, &first_attempt_at, &self.queues.worker_id)
                         };
-                        return self.dead_letter(raw, letter, shutdown).await;
+                        return self.dead_letter(raw, letter, "failed", shutdown).await;
                     }
                 }
             }
@@ -240,10 +277,26 @@ impl Deployer {
             .unwrap_or(Outcome::Abandoned)
     }
 
+    /// Audit fields naming the message, plus `extra`.
+    fn fields<const N: usize>(
+        &self,
+        message_id: &str,
+        model_id: &str,
+        extra: [(&'static str, String); N],
+    ) -> Fields {
+        let mut f = Fields::from(extra);
+        f.insert("message_id", message_id.to_owned());
+        f.insert("model_id", model_id.to_owned());
+        f.insert("signer", self.chain.signer.to_checksum(None));
+        f
+    }
+
+    /// `result` is the `hokusai_messages_total` label: `rejected` or `failed`.
     async fn dead_letter(
         &self,
         raw: &[u8],
         letter: DeadLetter,
+        result: &'static str,
         shutdown: &CancellationToken,
     ) -> Outcome {
         let entry = serde_json::to_string(&letter).expect("DeadLetter always serializes");
@@ -255,9 +308,21 @@ impl Deployer {
             .await;
         match r {
             Some(()) => {
-                metrics::counter!("hokusai_messages_total", "result" => "dead_lettered")
-                    .increment(1);
-                metrics::counter!("hokusai_dlq_moves_total", "code" => code).increment(1);
+                metrics::counter!(names::MESSAGES, "result" => result).increment(1);
+                metrics::counter!(names::DLQ_MOVES, "code" => code.clone()).increment(1);
+                let mut f = self.fields(
+                    &letter.message_id,
+                    letter.model_id.as_deref().unwrap_or(""),
+                    [
+                        ("result", result.to_owned()),
+                        ("code", code),
+                        ("attempts", letter.attempts.to_string()),
+                        ("error", letter.error.message.clone()),
+                    ],
+                );
+                f.insert("field", letter.error.field.clone().unwrap_or_default());
+                f.insert("rule", letter.error.rule.clone().unwrap_or_default());
+                self.audit.record("dead_lettered", f).await;
                 Outcome::DeadLettered
             }
             None => Outcome::Abandoned,
@@ -286,7 +351,12 @@ impl Deployer {
     }
 
     /// One attempt: under the model's lock, resume from the journal and return the event.
-    async fn attempt(&self, msg: &Inbound, first_attempt_at: &str) -> Result<String, AttemptError> {
+    /// Returns the event and whether this attempt created the token (false: re-published).
+    async fn attempt(
+        &self,
+        msg: &Inbound,
+        first_attempt_at: &str,
+    ) -> Result<(String, bool), AttemptError> {
         let model_id = &msg.model.model_id;
         let owner = format!(
             "{}|{}|{}",
@@ -313,13 +383,13 @@ impl Deployer {
         &self,
         msg: &Inbound,
         first_attempt_at: &str,
-    ) -> Result<String, AttemptError> {
+    ) -> Result<(String, bool), AttemptError> {
         let model_id = &msg.model.model_id;
         let mut entry = self.journal.load(model_id).await?;
         if let Some(event) = &entry.event {
             if entry.message_id.as_deref() == Some(msg.message_id.as_str()) {
                 info!("already deployed: re-publishing the journaled event");
-                return Ok(event.clone());
+                return Ok((event.clone(), false));
             }
             let token = entry.token_address.unwrap_or_default();
             return Err(AttemptError::TokenExists {
@@ -396,7 +466,7 @@ impl Deployer {
         let event = self.event(&entry, &model, &deployed, registered_tx.as_ref());
         let event = serde_json::to_string(&event).expect("TokenDeployed always serializes");
         self.journal.record_event(model_id, &event).await?;
-        Ok(event)
+        Ok((event, true))
     }
 
     /// Brings one transaction to mined: waits for a journaled one (re-broadcasting its exact
@@ -414,6 +484,8 @@ impl Deployer {
             }
             if self.chain.can_still_land(&rec).await? {
                 info!(step = ?step, hash = %rec.hash, nonce = rec.nonce, "re-broadcasting journaled transaction");
+                self.audit_tx("tx_rebroadcast", entry, model_id, step, &rec, [])
+                    .await;
                 match self.chain.broadcast(&rec).await {
                     Ok(()) | Err(ChainError::NonceUsed { .. }) => {}
                     Err(e) => return Err(e.into()),
@@ -446,6 +518,8 @@ impl Deployer {
         };
         let rec = signed.record;
         info!(step = ?step, hash = %rec.hash, nonce = rec.nonce, "transaction sent");
+        self.audit_tx("tx_sent", entry, model_id, step, &rec, [])
+            .await;
         entry.set_tx(step, rec.clone(), signed.contract_address);
         self.mined(entry, model_id, step, &rec).await
     }
@@ -459,8 +533,17 @@ impl Deployer {
     ) -> Result<Mined, AttemptError> {
         match self.chain.wait_mined(rec.hash).await {
             Ok(m) => {
-                metrics::counter!("hokusai_gas_used_total", "step" => step.label())
-                    .increment(m.gas_used);
+                let fee_gwei =
+                    (u128::from(m.gas_used) * m.effective_gas_price / 1_000_000_000) as u64;
+                metrics::counter!(names::GAS_USED, "step" => step.label()).increment(m.gas_used);
+                metrics::counter!(names::FEES_PAID, "step" => step.label()).increment(fee_gwei);
+                let extra = [
+                    ("block_number", m.block_number.to_string()),
+                    ("gas_used", m.gas_used.to_string()),
+                    ("effective_gas_price", m.effective_gas_price.to_string()),
+                ];
+                self.audit_tx("tx_mined", entry, model_id, step, rec, extra)
+                    .await;
                 Ok(m)
             }
             Err(e @ ChainError::Reverted { .. }) => {
@@ -471,6 +554,23 @@ impl Deployer {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    async fn audit_tx<const N: usize>(
+        &self,
+        action: &str,
+        entry: &Entry,
+        model_id: &str,
+        step: Step,
+        rec: &TxRecord,
+        extra: [(&'static str, String); N],
+    ) {
+        let mut f = self.fields(entry.message_id.as_deref().unwrap_or(""), model_id, extra);
+        f.insert("step", step.label().to_owned());
+        f.insert("tx_hash", rec.hash.to_string());
+        f.insert("nonce", rec.nonce.to_string());
+        f.insert("signer", rec.signer.to_checksum(None));
+        self.audit.record(action, f).await;
     }
 
     fn event(
@@ -518,6 +618,43 @@ impl Deployer {
     }
 }
 
+/// What the ops server shows of a running worker; the worker updates it as it goes.
+#[derive(Debug, Default)]
+pub struct WorkerStatus {
+    phase: std::sync::Mutex<&'static str>,
+    paused: std::sync::atomic::AtomicBool,
+    in_flight: std::sync::atomic::AtomicUsize,
+    worker_id: std::sync::OnceLock<String>,
+    signer: std::sync::OnceLock<String>,
+}
+
+impl WorkerStatus {
+    /// `starting`, `waiting_for_key`, `connecting_chain`, `running`, `draining` or `stopped`.
+    pub fn phase(&self) -> &'static str {
+        let p = *self.phase.lock().expect("never poisoned");
+        if p.is_empty() {
+            "starting"
+        } else {
+            p
+        }
+    }
+    fn set_phase(&self, p: &'static str) {
+        *self.phase.lock().expect("never poisoned") = p;
+    }
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+    pub fn worker_id(&self) -> &str {
+        self.worker_id.get().map(String::as_str).unwrap_or("")
+    }
+    pub fn signer(&self) -> Option<&str> {
+        self.signer.get().map(String::as_str)
+    }
+}
+
 /// Options of a worker run that do not come from configuration.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -525,6 +662,8 @@ pub struct RunOptions {
     pub journal: bool,
     /// How long shutdown lets in-flight messages finish before leaving them for recovery.
     pub drain_deadline: Duration,
+    /// Shared with the ops server.
+    pub status: Arc<WorkerStatus>,
 }
 
 impl Default for RunOptions {
@@ -532,6 +671,7 @@ impl Default for RunOptions {
         RunOptions {
             journal: true,
             drain_deadline: Duration::from_secs(30),
+            status: Arc::default(),
         }
     }
 }
@@ -550,6 +690,8 @@ pub async fn run(
         .worker_id
         .clone()
         .unwrap_or_else(default_worker_id);
+    let status = opts.status.clone();
+    let _ = status.worker_id.set(worker_id.clone());
     let redis = Redis::connect(&settings)?;
     let queues = Queues::new(redis.clone(), &settings, worker_id.clone());
 
@@ -583,7 +725,7 @@ pub async fn run(
                     }
                 }
                 match q.reap().await {
-                    Ok(n) if n > 0 => metrics::counter!("hokusai_recovered_messages_total").increment(n),
+                    Ok(n) if n > 0 => metrics::counter!(names::RECOVERED).increment(n),
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "reaper failed"),
                 }
@@ -601,9 +743,11 @@ pub async fn run(
     };
 
     // Lease one key of the pool; with none free, wait (another replica holds each).
+    status.set_phase("waiting_for_key");
     let key = loop {
         match lease_any(&queues, &keys).await {
             Ok(Some((signer, key))) => {
+                let _ = status.signer.set(signer.clone());
                 leased.set(signer).expect("leased once");
                 break key;
             }
@@ -618,6 +762,7 @@ pub async fn run(
             _ = shutdown.cancelled() => { stop_background().await; return Ok(()); }
         }
     };
+    status.set_phase("connecting_chain");
     let Some(chain) = connect_chain(&settings, &key, &shutdown).await? else {
         release(&queues, &leased).await;
         stop_background().await;
@@ -665,6 +810,7 @@ pub async fn run(
     let jobs = TaskTracker::new();
     let job_shutdown = CancellationToken::new();
     let mut redis_errors = 0u32;
+    status.set_phase("running");
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
@@ -692,14 +838,37 @@ pub async fn run(
                 Err(e) => warn!(error = %e, "sweeping our processing list failed; will retry"),
             }
         }
+        // Paused: take nothing; a message taken in the instant the flag was set goes back.
+        let paused = queues.paused().await.unwrap_or(false);
+        if paused != status.is_paused() {
+            status.paused.store(paused, Ordering::Relaxed);
+            info!(paused, "pause flag changed");
+        }
+        if paused {
+            drop(permit);
+            tokio::select! {
+                _ = tokio::time::sleep(PAUSE_POLL) => {}
+                _ = shutdown.cancelled() => break,
+            }
+            continue;
+        }
         match queues.take().await {
+            Ok(Some(raw)) if queues.paused().await.unwrap_or(false) => {
+                if let Err(e) = queues.put_back(&raw).await {
+                    warn!(error = %e, "could not put back a message taken while pausing; it is swept later");
+                    sweep_needed = true;
+                }
+            }
             Ok(Some(raw)) => {
                 redis_errors = 0;
                 in_flight.lock().expect("never poisoned").push(raw.clone());
                 let (d, stop, held) = (deployer.clone(), job_shutdown.clone(), in_flight.clone());
+                let st = status.clone();
+                st.in_flight.fetch_add(1, Ordering::Relaxed);
                 jobs.spawn(async move {
                     let _permit = permit;
                     d.handle(&raw, &stop).await;
+                    st.in_flight.fetch_sub(1, Ordering::Relaxed);
                     let mut held = held.lock().expect("never poisoned");
                     if let Some(i) = held.iter().position(|m| *m == raw) {
                         held.swap_remove(i);
@@ -729,6 +898,7 @@ pub async fn run(
         redis.quit().await;
         anyhow::bail!("signer lease lost; exiting so the orchestrator restarts this worker");
     }
+    status.set_phase("draining");
     info!(
         in_flight = jobs.len(),
         "shutting down: no new messages; draining"
@@ -747,9 +917,13 @@ pub async fn run(
         warn!(error = %e, "could not remove heartbeat");
     }
     redis.quit().await;
+    status.set_phase("stopped");
     info!("worker stopped");
     Ok(())
 }
+
+/// How often a paused worker looks at the flag again.
+const PAUSE_POLL: Duration = Duration::from_millis(250);
 
 /// Leases the first free key of the pool: `(signer address, key)`.
 async fn lease_any(

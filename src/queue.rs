@@ -79,6 +79,13 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 "#;
 
+/// Returns one taken message from our processing list to the consumer's end of the inbound
+/// queue (taken while the pause flag was set). KEYS: processing, inbound. ARGV: the message.
+const PUT_BACK_SCRIPT: &str = r#"
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then redis.call('RPUSH', KEYS[2], ARGV[1]) return 1 end
+return 0
+"#;
+
 /// Deletes a lock only if we still own it.
 const UNLOCK_SCRIPT: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -190,6 +197,11 @@ impl Queues {
         }
     }
 
+    /// The command connection (not the blocking one).
+    pub fn client(&self) -> &Client {
+        &self.redis.commands
+    }
+
     fn processing_of(&self, worker: &str) -> String {
         format!("{}:{worker}", self.processing_prefix)
     }
@@ -197,11 +209,12 @@ impl Queues {
     /// Runs one of this module's Lua scripts on the command connection.
     async fn script<R: FromValue>(
         &self,
+        op: &'static str,
         script: &'static str,
         keys: Vec<String>,
         args: Vec<Value>,
     ) -> Result<R, QueueError> {
-        Ok(self.redis.commands.eval(script, keys, args).await?)
+        timed(op, self.redis.commands.eval(script, keys, args)).await
     }
 
     fn heartbeat_prefix(&self) -> String {
@@ -233,12 +246,35 @@ impl Queues {
         }
     }
 
+    /// Whether an operator paused the workers (`hokusai-deployer pause`).
+    pub async fn paused(&self) -> Result<bool, QueueError> {
+        let n: u64 = self
+            .redis
+            .commands
+            .exists(format!("{}:paused", self.state_prefix))
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Puts a message taken while paused back where the next consumer takes from.
+    pub async fn put_back(&self, raw: &[u8]) -> Result<(), QueueError> {
+        let _: i64 = self
+            .script(
+                "put_back",
+                PUT_BACK_SCRIPT,
+                vec![self.processing.clone(), self.inbound.clone()],
+                vec![Value::Bytes(raw.to_vec().into())],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Publishes the event and removes the message in one transaction.
     pub async fn ack_with_event(&self, raw: &[u8], event: &str) -> Result<(), QueueError> {
         let tx = self.redis.commands.multi();
         let _: () = tx.lpush(&self.outbound, event).await?;
         let _: () = tx.lrem(&self.processing, 1, raw).await?;
-        let _: Value = tx.exec(true).await?;
+        timed("ack", tx.exec::<Value>(true)).await?;
         Ok(())
     }
 
@@ -253,7 +289,7 @@ impl Queues {
         let _: () = tx.lpush(&self.dlq, entry).await?;
         let _: () = tx.lpush(&self.failures, failure_event).await?;
         let _: () = tx.lrem(&self.processing, 1, raw).await?;
-        let _: Value = tx.exec(true).await?;
+        timed("dead_letter", tx.exec::<Value>(true)).await?;
         Ok(())
     }
 
@@ -264,6 +300,7 @@ impl Queues {
             .map(|m| Value::Bytes(m.into()))
             .collect();
         self.script(
+            "sweep",
             SWEEP_SCRIPT,
             vec![self.processing.clone(), self.inbound.clone()],
             args,
@@ -274,6 +311,7 @@ impl Queues {
     /// Requeues what a previous process with our worker id left in our processing list.
     pub async fn recover_own(&self) -> Result<u64, QueueError> {
         self.script(
+            "requeue",
             REQUEUE_SCRIPT,
             vec![self.processing.clone(), self.inbound.clone()],
             vec![],
@@ -322,7 +360,7 @@ impl Queues {
                 self.workers_key(),
             ];
             let n: i64 = self
-                .script(REAP_SCRIPT, keys, vec![w.as_str().into()])
+                .script("reap", REAP_SCRIPT, keys, vec![w.as_str().into()])
                 .await?;
             if n > 0 {
                 tracing::warn!(worker = %w, requeued = n, "requeued a dead worker's messages");
@@ -345,7 +383,7 @@ impl Queues {
             self.heartbeat_prefix().into(),
         ];
         let n: i64 = self
-            .script(LOCK_SCRIPT, vec![self.lock_key(model_id)], args)
+            .script("lock", LOCK_SCRIPT, vec![self.lock_key(model_id)], args)
             .await?;
         Ok(n == 1)
     }
@@ -353,6 +391,7 @@ impl Queues {
     pub async fn unlock_model(&self, model_id: &str, owner: &str) -> Result<(), QueueError> {
         let _: i64 = self
             .script(
+                "unlock",
                 UNLOCK_SCRIPT,
                 vec![self.lock_key(model_id)],
                 vec![owner.into()],
@@ -382,7 +421,7 @@ impl Queues {
             self.heartbeat_ttl.to_string().into(),
         ];
         let n: i64 = self
-            .script(LEASE_SCRIPT, vec![self.lease_key(signer)], args)
+            .script("lease", LEASE_SCRIPT, vec![self.lease_key(signer)], args)
             .await?;
         Ok(n == 1)
     }
@@ -394,7 +433,7 @@ impl Queues {
             self.heartbeat_ttl.to_string().into(),
         ];
         let n: i64 = self
-            .script(RENEW_SCRIPT, vec![self.lease_key(signer)], args)
+            .script("renew", RENEW_SCRIPT, vec![self.lease_key(signer)], args)
             .await?;
         Ok(n == 1)
     }
@@ -402,10 +441,22 @@ impl Queues {
     pub async fn release_signer(&self, signer: &str) -> Result<(), QueueError> {
         let args = vec![self.lease_owner().into()];
         let _: i64 = self
-            .script(UNLOCK_SCRIPT, vec![self.lease_key(signer)], args)
+            .script("unlock", UNLOCK_SCRIPT, vec![self.lease_key(signer)], args)
             .await?;
         Ok(())
     }
+}
+
+/// Runs one Redis call and records its latency (`hokusai_redis_command_duration_seconds`).
+async fn timed<R>(
+    op: &'static str,
+    fut: impl std::future::Future<Output = Result<R, fred::error::Error>>,
+) -> Result<R, QueueError> {
+    let started = std::time::Instant::now();
+    let r = fut.await;
+    metrics::histogram!(crate::telemetry::names::REDIS_DURATION, "op" => op)
+        .record(started.elapsed().as_secs_f64());
+    Ok(r?)
 }
 
 /// A list item as bytes, whether Redis answered with a string or a blob.

@@ -28,3 +28,123 @@ pub fn init(log: &LogSettings) {
     // A second init (tests, the local stack) keeps the first subscriber.
     let _ = result;
 }
+
+/// Metric names, in one place so producers and the docs agree. Base units, `_total` on
+/// counters, one `hokusai_` prefix, and small fixed label sets (prometheus.io naming practices).
+pub mod names {
+    pub const BUILD_INFO: &str = "hokusai_build_info";
+    pub const MESSAGES: &str = "hokusai_messages_total";
+    pub const DEPLOYMENTS: &str = "hokusai_deployments_total";
+    pub const DEPLOYMENT_DURATION: &str = "hokusai_deployment_duration_seconds";
+    pub const RETRIES: &str = "hokusai_retries_total";
+    pub const DLQ_MOVES: &str = "hokusai_dlq_moves_total";
+    pub const GAS_USED: &str = "hokusai_gas_used_total";
+    pub const FEES_PAID: &str = "hokusai_fees_paid_gwei_total";
+    pub const RECOVERED: &str = "hokusai_recovered_messages_total";
+    pub const QUEUE_DEPTH: &str = "hokusai_queue_depth";
+    pub const WORKERS: &str = "hokusai_workers";
+    pub const IN_FLIGHT: &str = "hokusai_in_flight_deployments";
+    pub const PAUSED: &str = "hokusai_paused";
+    pub const REDIS_UP: &str = "hokusai_redis_up";
+    pub const RPC_DURATION: &str = "hokusai_rpc_request_duration_seconds";
+    pub const REDIS_DURATION: &str = "hokusai_redis_command_duration_seconds";
+    pub const AUDIT_WRITE_FAILURES: &str = "hokusai_audit_write_failures_total";
+}
+
+static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+    std::sync::OnceLock::new();
+
+/// Installs the Prometheus recorder once per process and returns its handle; the caller runs
+/// [`PrometheusHandle::run_upkeep`](metrics_exporter_prometheus::PrometheusHandle) periodically.
+pub fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    if let Some(h) = METRICS.get() {
+        return Ok(h.clone());
+    }
+    let latency = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    let deployment = [
+        0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(names::DEPLOYMENT_DURATION.into()),
+            &deployment,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Suffix("_request_duration_seconds".into()),
+            &latency,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Suffix("_command_duration_seconds".into()),
+            &latency,
+        )?
+        .install_recorder()?;
+    describe();
+    metrics::gauge!(
+        names::BUILD_INFO,
+        "version" => env!("CARGO_PKG_VERSION"),
+        "revision" => env!("HOKUSAI_GIT_REVISION")
+    )
+    .set(1.0);
+    Ok(METRICS.get_or_init(|| handle).clone())
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    use names::*;
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; labels carry the version and git revision."
+    );
+    describe_counter!(
+        MESSAGES,
+        "Messages taken off the inbound queue, by result: deployed, rejected (invalid input, to the DLQ), failed (gave up, to the DLQ)."
+    );
+    describe_counter!(
+        DEPLOYMENTS,
+        "Deployments by outcome: created (a new token), republished (already deployed, event sent again), failed."
+    );
+    describe_histogram!(
+        DEPLOYMENT_DURATION,
+        "Seconds from a message taken off the queue to its token_deployed event published."
+    );
+    describe_counter!(
+        RETRIES,
+        "Failed attempts that will be retried, by error code."
+    );
+    describe_counter!(
+        DLQ_MOVES,
+        "Messages moved to the dead-letter queue, by error code."
+    );
+    describe_counter!(
+        GAS_USED,
+        "Gas used by mined transactions, by step (deploy, register)."
+    );
+    describe_counter!(
+        FEES_PAID,
+        "Fees paid by mined transactions in gwei (gas used x effective gas price), by step."
+    );
+    describe_counter!(
+        RECOVERED,
+        "Messages requeued from the processing lists of dead workers."
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "Length of each queue at the last scrape: inbound, processing (all workers), dlq, outbound, failures."
+    );
+    describe_gauge!(WORKERS, "Workers with a live heartbeat at the last scrape.");
+    describe_gauge!(IN_FLIGHT, "Messages this process is working on.");
+    describe_gauge!(
+        PAUSED,
+        "1 while the pause flag is set (workers take no new messages)."
+    );
+    describe_gauge!(REDIS_UP, "1 if the last scrape could read Redis, else 0.");
+    describe_histogram!(RPC_DURATION, "Latency of JSON-RPC requests, by method.");
+    describe_histogram!(REDIS_DURATION, "Latency of Redis commands, by operation.");
+    describe_counter!(
+        AUDIT_WRITE_FAILURES,
+        "Audit entries that could not be written to the Redis stream (they are still logged)."
+    );
+}

@@ -25,6 +25,17 @@ fn every_command_has_help() {
         vec!["local", "--help"],
         vec!["push", "--help"],
         vec!["check-config", "--help"],
+        vec!["dlq", "--help"],
+        vec!["dlq", "list", "--help"],
+        vec!["dlq", "show", "--help"],
+        vec!["dlq", "requeue", "--help"],
+        vec!["dlq", "purge", "--help"],
+        vec!["queue", "--help"],
+        vec!["queue", "stats", "--help"],
+        vec!["pause", "--help"],
+        vec!["resume", "--help"],
+        vec!["audit", "--help"],
+        vec!["audit", "tail", "--help"],
     ] {
         let out = run(&args, &[]);
         assert!(out.status.success(), "{args:?}");

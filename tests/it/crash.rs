@@ -12,7 +12,7 @@ use hokusai_deployer::localstack::{free_port, ANVIL_DEV_KEY};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use crate::harness::{Stack, StackOpts, Worker, OTHER_KEY};
+use crate::harness::{model_message, Stack, StackOpts, Worker, OTHER_KEY};
 
 const OUT: &str = "hokusai:token_deployed_queue";
 const IN: &str = "hokusai:model_ready_queue";
@@ -24,12 +24,11 @@ const PROCESSING: [&str; 2] = [
 ];
 
 fn message(i: usize) -> String {
-    let mut v: Value =
-        serde_json::from_str(include_str!("../data/producer-envelope.json")).unwrap();
-    v["message_id"] = format!("chaos-{i}").into();
-    v["payload"]["model_id"] = format!("chaos_{i}").into();
-    v["payload"]["token_symbol"] = format!("c-{i}").into();
-    v.to_string()
+    model_message(
+        &format!("chaos-{i}"),
+        &format!("chaos_{i}"),
+        &format!("c-{i}"),
+    )
 }
 
 /// Waits until the inbound queue and every processing list are empty (read atomically), i.e.

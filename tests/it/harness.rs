@@ -71,7 +71,17 @@ impl Stack {
 
     /// SIGKILLs redis-server and starts it again on the same port and data directory.
     pub async fn restart_redis(&mut self) {
+        self.stop_redis().await;
+        self.start_redis().await;
+    }
+
+    /// SIGKILLs redis-server (a crash, not a shutdown).
+    pub async fn stop_redis(&mut self) {
         self.redis.kill().await;
+    }
+
+    /// Starts redis-server again on its port and data directory.
+    pub async fn start_redis(&mut self) {
         let args: Vec<&str> = self.redis_args.iter().map(String::as_str).collect();
         self.redis = localstack::redis_on(self.dir.path(), self.redis.port, &args)
             .await
@@ -88,14 +98,14 @@ impl Stack {
         )
     }
 
-    /// Starts `hokusai-deployer run` as a child process; its log goes to `<tmp>/<name>.log`.
+    /// Starts `hokusai-deployer run` as a child process; its log is appended to
+    /// `<tmp>/<name>.log` and its ops server listens on a free port.
     pub fn daemon(&self, name: &str, extra_env: &[(&str, &str)], extra_args: &[&str]) -> Daemon {
-        let log_path =
-            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.log"));
+        let ops_port = localstack::free_port();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&log_path)
+            .open(log_path(name))
             .expect("log file");
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_hokusai-deployer"));
         cmd.arg("run")
@@ -104,11 +114,14 @@ impl Stack {
             .envs(self.env(extra_env))
             .env("HOKUSAI__LOG__FORMAT", "json")
             .env("HOKUSAI__LOG__LEVEL", "info")
+            .env("HOKUSAI__OPS__PORT", ops_port.to_string())
+            .env("HOKUSAI__OPS__BIND", "127.0.0.1")
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .kill_on_drop(true);
         Daemon {
             child: cmd.spawn().expect("the binary starts"),
+            ops_port,
         }
     }
 
@@ -218,6 +231,16 @@ impl Stack {
     }
 }
 
+/// The producer's sample envelope with its ids changed: a valid message for a new model.
+pub fn model_message(message_id: &str, model_id: &str, symbol: &str) -> String {
+    let mut v: serde_json::Value =
+        serde_json::from_str(include_str!("../data/producer-envelope.json")).unwrap();
+    v["message_id"] = message_id.into();
+    v["payload"]["model_id"] = model_id.into();
+    v["payload"]["token_symbol"] = symbol.into();
+    v.to_string()
+}
+
 pub fn settings_for(
     redis: &str,
     rpc: &str,
@@ -260,12 +283,71 @@ pub fn env_for(
     env
 }
 
+/// Where a daemon named `name` logs (appended to across restarts).
+pub fn log_path(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.log"))
+}
+
 /// A worker running as a child process (a real `hokusai-deployer run`).
 pub struct Daemon {
     child: tokio::process::Child,
+    pub ops_port: u16,
 }
 
 impl Daemon {
+    /// GETs a path of the ops server: status and body.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let url = format!("http://127.0.0.1:{}{path}", self.ops_port);
+        let r = reqwest::Client::new()
+            .get(&url)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let status = r.status().as_u16();
+        (status, r.text().await.expect("body"))
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let (status, body) = self.get(path).await;
+        let v = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+        (status, v)
+    }
+
+    /// Polls `path` until `pred` holds on its answer (the ops server is up within seconds);
+    /// a state that never comes fails the test after 60 s.
+    pub async fn until<F>(&self, path: &str, what: &str, pred: F) -> (u16, serde_json::Value)
+    where
+        F: Fn(u16, &serde_json::Value) -> bool,
+    {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let url = format!("http://127.0.0.1:{}{path}", self.ops_port);
+            if let Ok(r) = reqwest::Client::new()
+                .get(&url)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+            {
+                let status = r.status().as_u16();
+                if let Ok(v) = r.json::<serde_json::Value>().await {
+                    if pred(status, &v) {
+                        return (status, v);
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{path} never showed {what}; last answer {status} {v}"
+                    );
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{path} never answered"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn sigkill(&mut self) {
         self.child.kill().await.expect("SIGKILL is delivered");
     }

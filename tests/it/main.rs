@@ -6,4 +6,5 @@ mod cli;
 mod contracts;
 mod crash;
 mod harness;
+mod ops;
 mod pipeline;

@@ -1,0 +1,377 @@
+//! The operations HTTP server (default port 9091): liveness, readiness, a detailed status page
+//! and Prometheus metrics. It has its own Redis connection and RPC provider and bounds every
+//! probe, so it answers while Redis or the chain are down; `/health` does no I/O at all.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alloy::primitives::Address;
+use alloy::providers::{DynProvider, Provider};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use fred::prelude::*;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use serde_json::{json, Value as Json_};
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{Admin, Stats};
+use crate::config::{mask_url, Settings};
+use crate::pipeline::WorkerStatus;
+use crate::telemetry::names;
+
+/// What the handlers share.
+pub struct OpsState {
+    settings: Settings,
+    redis: Client,
+    admin: Admin,
+    provider: Option<DynProvider>,
+    registry: Option<Address>,
+    started: Instant,
+    metrics: Option<PrometheusHandle>,
+    worker: Option<Arc<WorkerStatus>>,
+    timeout: Duration,
+}
+
+impl OpsState {
+    /// Builds the state and starts its Redis connection in the background.
+    pub fn new(
+        settings: &Settings,
+        metrics: Option<PrometheusHandle>,
+        worker: Option<Arc<WorkerStatus>>,
+    ) -> anyhow::Result<Arc<OpsState>> {
+        let redis = crate::queue::client(settings)?;
+        redis.connect();
+        Ok(Arc::new(OpsState {
+            admin: Admin::new(redis.clone(), settings, "ops"),
+            redis,
+            provider: crate::chain::provider(settings).ok(),
+            registry: settings.contract_addresses().ok().map(|(r, _)| r),
+            settings: settings.clone(),
+            started: Instant::now(),
+            metrics,
+            worker,
+            timeout: Duration::from_millis(settings.ops.probe_timeout_ms),
+        }))
+    }
+
+    pub async fn close(&self) {
+        let _ = self.redis.quit().await;
+    }
+}
+
+/// The routes; the API server (port 3001) mounts the same `/health*` routes.
+pub fn router(state: Arc<OpsState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/health/ready", get(ready))
+        .route("/health/detailed", get(detailed))
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
+}
+
+/// Binds the configured address; port 0 picks a free port.
+pub async fn bind(settings: &Settings) -> anyhow::Result<tokio::net::TcpListener> {
+    let ip: std::net::IpAddr = settings.ops.bind.parse()?;
+    let addr = SocketAddr::new(ip, settings.ops.port);
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the ops server to {addr}: {e}"))
+}
+
+/// Serves until `shutdown`, running the metrics upkeep beside it.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<OpsState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    if let Some(handle) = state.metrics.clone() {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => handle.run_upkeep(),
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+async fn health() -> Json<Json_> {
+    Json(json!({ "status": "ok", "timestamp": crate::message::rfc3339(chrono::Utc::now()) }))
+}
+
+/// One component's probe result.
+#[derive(Debug, Clone, Serialize)]
+struct Component {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(flatten)]
+    info: serde_json::Map<String, Json_>,
+}
+
+impl Component {
+    fn up(started: Instant, info: serde_json::Map<String, Json_>) -> Component {
+        Component {
+            status: "up",
+            latency_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
+            error: None,
+            info,
+        }
+    }
+    fn down(error: String) -> Component {
+        Component {
+            status: "down",
+            latency_ms: None,
+            error: Some(error),
+            info: Default::default(),
+        }
+    }
+    fn is_up(&self) -> bool {
+        self.status == "up"
+    }
+}
+
+impl OpsState {
+    /// Runs `fut` under the probe timeout; errors are redacted of credentials.
+    async fn probe<F, E>(&self, what: &str, fut: F) -> Component
+    where
+        F: std::future::Future<Output = Result<serde_json::Map<String, Json_>, E>>,
+        E: std::fmt::Display,
+    {
+        let started = Instant::now();
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(info)) => Component::up(started, info),
+            Ok(Err(e)) => Component::down(self.redact(e.to_string())),
+            Err(_) => Component::down(format!(
+                "{what} did not answer within {} ms",
+                self.timeout.as_millis()
+            )),
+        }
+    }
+
+    /// Replaces every configured URL (as written and as normalised) by its masked form.
+    fn redact(&self, mut s: String) -> String {
+        for u in self
+            .settings
+            .chain
+            .rpc_urls
+            .iter()
+            .chain(std::iter::once(&self.settings.redis.url))
+        {
+            let masked = mask_url(u);
+            if let Ok(parsed) = url::Url::parse(u) {
+                s = s.replace(parsed.as_str(), &masked);
+            }
+            s = s.replace(u.as_str(), &masked);
+        }
+        s
+    }
+
+    async fn redis_probe(&self) -> Component {
+        self.probe("redis", async {
+            let _: String = self.redis.ping(None).await?;
+            Ok::<_, fred::error::Error>(Default::default())
+        })
+        .await
+    }
+
+    async fn chain_probe(&self) -> Component {
+        let Some(p) = &self.provider else {
+            return Component::down("no usable RPC URL configured".into());
+        };
+        let expected = self.settings.chain.chain_id;
+        self.probe("rpc", async {
+            let (id, block) = tokio::try_join!(p.get_chain_id(), p.get_block_number())
+                .map_err(|e| e.to_string())?;
+            if let Some(want) = expected.filter(|w| *w != id) {
+                return Err(format!("rpc reports chain {id}, configuration says {want}"));
+            }
+            let mut m = serde_json::Map::new();
+            m.insert("chain_id".into(), id.into());
+            m.insert("block_number".into(), block.into());
+            m.insert("network".into(), self.settings.network(id).name.into());
+            Ok(m)
+        })
+        .await
+    }
+
+    async fn registry_probe(&self) -> Component {
+        let (Some(p), Some(registry)) = (&self.provider, self.registry) else {
+            return Component::down("chain.model_registry_address is not configured".into());
+        };
+        self.probe("rpc", async {
+            let code = p.get_code_at(registry).await.map_err(|e| e.to_string())?;
+            if code.is_empty() {
+                return Err(format!("no contract at {registry}"));
+            }
+            let mut m = serde_json::Map::new();
+            m.insert("address".into(), registry.to_checksum(None).into());
+            Ok(m)
+        })
+        .await
+    }
+
+    fn worker_component(&self) -> Option<Component> {
+        let w = self.worker.as_ref()?;
+        let phase = w.phase();
+        let mut info = serde_json::Map::new();
+        info.insert("phase".into(), phase.into());
+        info.insert("worker_id".into(), w.worker_id().into());
+        if let Some(s) = w.signer() {
+            info.insert("signer".into(), s.into());
+        }
+        Some(if phase == "running" {
+            Component {
+                status: "up",
+                latency_ms: None,
+                error: None,
+                info,
+            }
+        } else {
+            Component {
+                status: "down",
+                latency_ms: None,
+                error: Some(format!("worker is {phase}")),
+                info,
+            }
+        })
+    }
+
+    async fn readiness(&self) -> (bool, serde_json::Map<String, Json_>) {
+        let (redis, chain, registry) = tokio::join!(
+            self.redis_probe(),
+            self.chain_probe(),
+            self.registry_probe()
+        );
+        let mut components = vec![("redis", redis), ("chain", chain), ("registry", registry)];
+        if let Some(w) = self.worker_component() {
+            components.push(("worker", w));
+        }
+        let ok = components.iter().all(|(_, c)| c.is_up());
+        let map = components
+            .into_iter()
+            .map(|(k, c)| (k.to_owned(), serde_json::to_value(c).expect("serializable")))
+            .collect();
+        (ok, map)
+    }
+
+    async fn stats(&self) -> Option<Stats> {
+        let r = tokio::time::timeout(self.timeout, self.admin.stats()).await;
+        let stats = r.ok().and_then(Result::ok);
+        metrics::gauge!(names::REDIS_UP).set(if stats.is_some() { 1.0 } else { 0.0 });
+        if let Some(s) = &stats {
+            for (q, n) in [
+                ("inbound", s.inbound),
+                ("processing", s.processing),
+                ("dlq", s.dlq),
+                ("outbound", s.outbound),
+                ("failures", s.failures),
+            ] {
+                metrics::gauge!(names::QUEUE_DEPTH, "queue" => q).set(n as f64);
+            }
+            metrics::gauge!(names::WORKERS)
+                .set(s.workers.iter().filter(|w| w.alive).count() as f64);
+            metrics::gauge!(names::PAUSED).set(if s.paused.is_some() { 1.0 } else { 0.0 });
+        }
+        stats
+    }
+}
+
+async fn ready(State(s): State<Arc<OpsState>>) -> Response {
+    let (ok, components) = s.readiness().await;
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if ok { "ready" } else { "not_ready" },
+        "timestamp": crate::message::rfc3339(chrono::Utc::now()),
+        "components": components,
+    });
+    (code, Json(body)).into_response()
+}
+
+async fn detailed(State(s): State<Arc<OpsState>>) -> Response {
+    let ((ok, components), stats) = tokio::join!(s.readiness(), s.stats());
+    let memory = memory();
+    let worker = s.worker.as_ref().map(|w| {
+        json!({
+            "worker_id": w.worker_id(),
+            "phase": w.phase(),
+            "signer": w.signer(),
+            "paused": w.is_paused(),
+            "in_flight": w.in_flight(),
+        })
+    });
+    let body = json!({
+        "status": if ok { "ready" } else { "not_ready" },
+        "timestamp": crate::message::rfc3339(chrono::Utc::now()),
+        "version": env!("CARGO_PKG_VERSION"),
+        "revision": env!("HOKUSAI_GIT_REVISION"),
+        "uptime_secs": s.started.elapsed().as_secs(),
+        "memory": memory,
+        "components": components,
+        "queues": stats.as_ref().map(|st| json!({
+            "inbound": st.inbound,
+            "processing": st.processing,
+            "dlq": st.dlq,
+            "outbound": st.outbound,
+            "failures": st.failures,
+        })),
+        "workers": stats.as_ref().map(|st| &st.workers),
+        "paused": stats.as_ref().map(|st| &st.paused),
+        "worker": worker,
+        "config": s.settings,
+    });
+    // Informational: always 200; `status` says whether the process is ready.
+    (StatusCode::OK, Json(body)).into_response()
+}
+
+async fn metrics_text(State(s): State<Arc<OpsState>>) -> Response {
+    let Some(handle) = &s.metrics else {
+        return (
+            StatusCode::NOT_FOUND,
+            "metrics are not enabled in this process\n",
+        )
+            .into_response();
+    };
+    s.stats().await;
+    if let Some(w) = &s.worker {
+        metrics::gauge!(names::IN_FLIGHT).set(w.in_flight() as f64);
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        handle.render(),
+    )
+        .into_response()
+}
+
+/// Resident and peak memory of this process, from `/proc/self/status` (Linux).
+fn memory() -> Json_ {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = |field: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|v| v * 1024)
+    };
+    json!({ "rss_bytes": kb("VmRSS:"), "peak_rss_bytes": kb("VmHWM:") })
+}
