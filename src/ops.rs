@@ -267,6 +267,23 @@ impl OpsState {
         (ok, map)
     }
 
+    /// Sets the balance gauge of the signer this process leased, if it has one yet.
+    async fn balance(&self) {
+        let signer = self
+            .worker
+            .as_ref()
+            .and_then(|w| w.signer()?.parse::<Address>().ok());
+        let (Some(p), Some(signer)) = (&self.provider, signer) else {
+            return;
+        };
+        if let Ok(Ok(wei)) = tokio::time::timeout(self.timeout, p.get_balance(signer)).await {
+            let eth: f64 = alloy::primitives::utils::format_ether(wei)
+                .parse()
+                .unwrap_or(0.0);
+            metrics::gauge!(names::BALANCE).set(eth);
+        }
+    }
+
     async fn stats(&self) -> Option<Stats> {
         let r = tokio::time::timeout(self.timeout, self.admin.stats()).await;
         let stats = r.ok().and_then(Result::ok);
@@ -348,7 +365,7 @@ async fn metrics_text(State(s): State<Arc<OpsState>>) -> Response {
         )
             .into_response();
     };
-    s.stats().await;
+    tokio::join!(s.stats(), s.balance());
     if let Some(w) = &s.worker {
         metrics::gauge!(names::IN_FLIGHT).set(w.in_flight() as f64);
     }

@@ -49,6 +49,7 @@ pub mod names {
     pub const RPC_DURATION: &str = "hokusai_rpc_request_duration_seconds";
     pub const REDIS_DURATION: &str = "hokusai_redis_command_duration_seconds";
     pub const AUDIT_WRITE_FAILURES: &str = "hokusai_audit_write_failures_total";
+    pub const BALANCE: &str = "hokusai_deployer_balance_eth";
 }
 
 static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
@@ -143,6 +144,10 @@ fn describe() {
     describe_gauge!(REDIS_UP, "1 if the last scrape could read Redis, else 0.");
     describe_histogram!(RPC_DURATION, "Latency of JSON-RPC requests, by method.");
     describe_histogram!(REDIS_DURATION, "Latency of Redis commands, by operation.");
+    describe_gauge!(
+        BALANCE,
+        "Balance of this process's deployer key in ether, read at each scrape."
+    );
     describe_counter!(
         AUDIT_WRITE_FAILURES,
         "Audit entries that could not be written to the Redis stream (they are still logged)."

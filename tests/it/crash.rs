@@ -210,13 +210,25 @@ async fn a_dead_rpc_url_fails_over_to_the_live_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_deployment_exits_zero_and_the_message_completes() {
+    sigterm_mid_deployment(false).await;
+}
+
+/// PID 1 gets no default signal actions: without its own SIGTERM handler the process would
+/// ignore the orchestrator's SIGTERM and be SIGKILLed at the end of the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_as_pid_1_drains_and_exits_zero_too() {
+    sigterm_mid_deployment(true).await;
+}
+
+async fn sigterm_mid_deployment(pid1: bool) {
     let stack = Stack::start_with(StackOpts {
         anvil_args: &["--block-time", "2"],
         ..Default::default()
     })
     .await;
     let env = [("HOKUSAI__PIPELINE__WORKER_ID", "w1")];
-    let mut d = stack.daemon("sigterm", &env, &["--drain-secs", "20"]);
+    let name = if pid1 { "sigterm-pid1" } else { "sigterm" };
+    let mut d = stack.daemon_with(name, &env, &["--drain-secs", "20"], pid1);
     stack.push(&message(0)).await;
     // Wait for the deployment to be under way: its transaction is in the journal.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

@@ -101,13 +101,33 @@ impl Stack {
     /// Starts `hokusai-deployer run` as a child process; its log is appended to
     /// `<tmp>/<name>.log` and its ops server listens on a free port.
     pub fn daemon(&self, name: &str, extra_env: &[(&str, &str)], extra_args: &[&str]) -> Daemon {
+        self.daemon_with(name, extra_env, extra_args, false)
+    }
+
+    /// Like [`Stack::daemon`]; with `pid1` the binary runs as PID 1 of a new PID namespace
+    /// (`unshare --pid --fork`), as in a container without an init: the kernel then drops
+    /// every signal the process has no handler for.
+    pub fn daemon_with(
+        &self,
+        name: &str,
+        extra_env: &[(&str, &str)],
+        extra_args: &[&str],
+        pid1: bool,
+    ) -> Daemon {
         let ops_port = localstack::free_port();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log_path(name))
             .expect("log file");
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_hokusai-deployer"));
+        let bin = env!("CARGO_BIN_EXE_hokusai-deployer");
+        let mut cmd = if pid1 {
+            let mut c = tokio::process::Command::new("unshare");
+            c.args(["--pid", "--fork", "--kill-child", bin]);
+            c
+        } else {
+            tokio::process::Command::new(bin)
+        };
         cmd.arg("run")
             .args(extra_args)
             .env_clear()
@@ -122,6 +142,7 @@ impl Stack {
         Daemon {
             child: cmd.spawn().expect("the binary starts"),
             ops_port,
+            pid1,
         }
     }
 
@@ -292,6 +313,7 @@ pub fn log_path(name: &str) -> std::path::PathBuf {
 pub struct Daemon {
     child: tokio::process::Child,
     pub ops_port: u16,
+    pid1: bool,
 }
 
 impl Daemon {
@@ -352,9 +374,25 @@ impl Daemon {
         self.child.kill().await.expect("SIGKILL is delivered");
     }
 
+    /// The pid to signal: the binary itself, also when `unshare` is its parent.
+    fn pid(&self) -> u32 {
+        let pid = self.child.id().expect("still running");
+        if !self.pid1 {
+            return pid;
+        }
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .expect("unshare's children are listed in /proc");
+        children
+            .split_whitespace()
+            .next()
+            .expect("unshare has forked the binary")
+            .parse()
+            .expect("a pid")
+    }
+
     /// SIGTERM, then the exit status within `within` (a hang fails the test).
     pub async fn sigterm(&mut self, within: Duration) -> std::process::ExitStatus {
-        let pid = self.child.id().expect("still running");
+        let pid = self.pid();
         let ok = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status()

@@ -228,6 +228,11 @@ async fn metrics_pass_promtool_and_count_what_happened() {
     assert_eq!(get("hokusai_paused"), 0.0);
     assert_eq!(get("hokusai_redis_up"), 1.0);
     assert_eq!(get("hokusai_in_flight_deployments"), 0.0);
+    let balance = get("hokusai_deployer_balance_eth");
+    assert!(
+        balance > 9000.0 && balance < 10000.0,
+        "anvil funds 10000 ether: {balance}"
+    );
     assert!(m
         .keys()
         .any(|k| k.starts_with(r#"hokusai_build_info{version="0.1.0""#)));
