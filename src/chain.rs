@@ -273,9 +273,15 @@ pub struct Chain {
     /// Held from nonce choice to broadcast so transactions leave in nonce order; receipts are
     /// awaited outside it, so many transactions are in flight at once.
     send_lock: Mutex<Nonces>,
+    /// The last head read and when (see [`Chain::head`]).
+    head: Mutex<Option<(Instant, u64)>>,
 }
 
+/// How long an unmined transaction goes before the node is asked whether it still holds it.
+const REBROADCAST_CHECK: Duration = Duration::from_secs(3);
+
 /// A transaction to sign: a contract creation or a call.
+#[derive(Clone)]
 pub enum Call {
     Deploy(Bytes),
     Invoke { to: Address, data: Bytes },
@@ -308,6 +314,7 @@ impl Chain {
             receipt_timeout: Duration::from_secs(settings.chain.receipt_timeout_secs),
             gas_margin_percent: settings.chain.gas_limit_margin_percent,
             send_lock: Mutex::new(Nonces::default()),
+            head: Mutex::new(None),
         })
     }
 
@@ -472,24 +479,56 @@ impl Chain {
         Ok(self.provider.get_transaction_receipt(hash).await?)
     }
 
-    /// Waits for a receipt and the configured confirmations; a revert is an error.
-    pub async fn wait_mined(&self, hash: TxHash) -> Result<Mined, ChainError> {
+    /// The latest block number, read at most once per poll interval however many
+    /// transactions are being awaited: waiters share one reading.
+    async fn head(&self) -> Result<u64, ChainError> {
+        let mut h = self.head.lock().await;
+        if let Some((at, n)) = *h {
+            if at.elapsed() < self.poll_interval {
+                return Ok(n);
+            }
+        }
+        let n = self.provider.get_block_number().await?;
+        *h = Some((Instant::now(), n));
+        Ok(n)
+    }
+
+    /// Waits for a receipt and the configured confirmations; a revert is an error. The
+    /// receipt is looked up once per new block. A transaction the node no longer holds
+    /// (dropped from its pool) is re-broadcast with its exact bytes, so its nonce never
+    /// stays a gap that stalls every later transaction of the signer.
+    pub async fn wait_mined(&self, rec: &TxRecord) -> Result<Mined, ChainError> {
+        let hash = rec.hash;
         let deadline = Instant::now() + self.receipt_timeout;
+        let mut checked_at: Option<u64> = None;
+        let mut pool_checked = Instant::now();
         loop {
-            if let Some(r) = self.provider.get_transaction_receipt(hash).await? {
-                let block = r.block_number.unwrap_or_default();
-                if !r.status() {
-                    return Err(ChainError::Reverted { hash, block });
-                }
-                let head = self.provider.get_block_number().await?;
-                if head + 1 >= block + self.confirmations {
-                    return Ok(Mined {
-                        hash,
-                        block_number: block,
-                        gas_used: r.gas_used,
-                        effective_gas_price: r.effective_gas_price,
-                        contract_address: r.contract_address,
-                    });
+            let head = self.head().await?;
+            if checked_at != Some(head) {
+                checked_at = Some(head);
+                if let Some(r) = self.provider.get_transaction_receipt(hash).await? {
+                    let block = r.block_number.unwrap_or_default();
+                    if !r.status() {
+                        return Err(ChainError::Reverted { hash, block });
+                    }
+                    if head + 1 >= block + self.confirmations {
+                        return Ok(Mined {
+                            hash,
+                            block_number: block,
+                            gas_used: r.gas_used,
+                            effective_gas_price: r.effective_gas_price,
+                            contract_address: r.contract_address,
+                        });
+                    }
+                } else if pool_checked.elapsed() >= REBROADCAST_CHECK {
+                    pool_checked = Instant::now();
+                    if self.provider.get_transaction_by_hash(hash).await?.is_none() {
+                        tracing::warn!(%hash, nonce = rec.nonce, "transaction missing from the node's pool; re-broadcasting it");
+                        match self.broadcast(rec).await {
+                            Ok(()) | Err(ChainError::NonceUsed { .. }) => {}
+                            Err(e) => tracing::warn!(error = %e, %hash, "re-broadcast failed"),
+                        }
+                    }
                 }
             }
             if Instant::now() >= deadline {

@@ -419,48 +419,89 @@ impl Deployer {
             }
         }
 
+        // Both transactions leave before either is mined: the token's address follows from
+        // signer and nonce, and the registration (a higher nonce of the same signer) executes
+        // after the deployment, whose code the registry checks. Receipts are awaited together.
         let deploy_code =
             Chain::deploy_code(&model.token_name, &model.chain_symbol, self.chain.manager);
-        let deployed = self
-            .ensure(
+        let deploy_rec = self
+            .send(
                 &mut entry,
                 model_id,
                 Step::Deploy,
                 Call::Deploy(deploy_code),
+                None,
             )
             .await?;
         let token = entry
             .token_address
             .expect("set when the deployment was journaled");
+        let register_call = self
+            .chain
+            .register_call(model_id, token, &model.metric_name);
+        let lost_track = registered == Some(token) && entry.register.is_none();
+        let register_rec = if lost_track {
+            // Registered by a transaction this journal lost track of: nothing to send.
+            None
+        } else {
+            // The token has no code yet, so estimate the same registration with a stand-in
+            // token that has code and is registered nowhere (the manager): same strings, same
+            // storage writes; the margin covers the cold account access.
+            let gas = if entry.register.is_none() {
+                let stand_in =
+                    self.chain
+                        .register_call(model_id, self.chain.manager, &model.metric_name);
+                Some(
+                    self.chain
+                        .estimate(&stand_in)
+                        .await
+                        .map_err(|e| token_exists_or(e.into(), model_id, token))?,
+                )
+            } else {
+                None
+            };
+            Some(
+                self.send(
+                    &mut entry,
+                    model_id,
+                    Step::Register,
+                    register_call.clone(),
+                    gas,
+                )
+                .await?,
+            )
+        };
+        let message_id = entry.message_id.clone().unwrap_or_default();
+        let (deployed, registered_tx) = tokio::join!(
+            self.mined(&message_id, model_id, Step::Deploy, &deploy_rec),
+            async {
+                match &register_rec {
+                    Some(rec) => Some(self.mined(&message_id, model_id, Step::Register, rec).await),
+                    None => None,
+                }
+            }
+        );
+        let deployed = deployed?;
         if deployed.contract_address.is_some_and(|a| a != token) {
             return Err(AttemptError::WrongContract {
                 model_id: model_id.clone(),
                 expected: token,
             });
         }
-        let register_call = self
-            .chain
-            .register_call(model_id, token, &model.metric_name);
-        let registered_tx = if registered == Some(token) && entry.register.is_none() {
-            // Registered by a transaction this journal lost track of: nothing to send.
-            None
-        } else {
-            match self
-                .ensure(&mut entry, model_id, Step::Register, register_call)
-                .await
-            {
-                Ok(m) => Some(m),
-                // The registry refused: another token won the model (the revert names it).
-                Err(AttemptError::Chain(e))
-                    if e.registered_elsewhere().is_some_and(|t| t != token) =>
-                {
-                    return Err(AttemptError::TokenExists {
-                        model_id: model_id.clone(),
-                        token: e.registered_elsewhere().expect("checked by the guard"),
-                    });
-                }
-                Err(e) => return Err(e),
+        let registered_tx = match registered_tx {
+            None => None,
+            Some(Ok(m)) => Some(m),
+            Some(Err(AttemptError::Chain(ChainError::Reverted { .. }))) => {
+                // Now that the token has code, send the registration the plain way: a real
+                // estimate names the registry's reason if it refuses again.
+                entry.clear_tx(Step::Register);
+                Some(
+                    self.ensure(&mut entry, model_id, Step::Register, register_call)
+                        .await
+                        .map_err(|e| token_exists_or(e, model_id, token))?,
+                )
             }
+            Some(Err(e)) => return Err(e),
         };
 
         let event = self.event(&entry, &model, &deployed, registered_tx.as_ref());
@@ -469,8 +510,7 @@ impl Deployer {
         Ok((event, true))
     }
 
-    /// Brings one transaction to mined: waits for a journaled one (re-broadcasting its exact
-    /// bytes), rebuilds it only when its nonce went to another transaction, or sends a new one.
+    /// Brings one transaction to mined: [`Self::send`], then its receipt.
     async fn ensure(
         &self,
         entry: &mut Entry,
@@ -478,9 +518,27 @@ impl Deployer {
         step: Step,
         call: Call,
     ) -> Result<Mined, AttemptError> {
+        let rec = self.send(entry, model_id, step, call, None).await?;
+        let message_id = entry.message_id.clone().unwrap_or_default();
+        self.mined(&message_id, model_id, step, &rec).await
+    }
+
+    /// Makes sure one transaction is on its way and returns it: a journaled one that was mined
+    /// or can still land (re-broadcast byte-identical), or else a new one, journaled before it
+    /// is broadcast. Rebuilds only when the journaled nonce went to another transaction; a
+    /// rebuilt deployment has a new address, so a registration journaled for the old one is
+    /// forgotten too. `gas` skips the estimate.
+    async fn send(
+        &self,
+        entry: &mut Entry,
+        model_id: &str,
+        step: Step,
+        call: Call,
+        gas: Option<u64>,
+    ) -> Result<TxRecord, AttemptError> {
         if let Some(rec) = entry.tx(step).cloned() {
             if self.chain.receipt(rec.hash).await?.is_some() {
-                return self.mined(entry, model_id, step, &rec).await;
+                return Ok(rec);
             }
             if self.chain.can_still_land(&rec).await? {
                 info!(step = ?step, hash = %rec.hash, nonce = rec.nonce, "re-broadcasting journaled transaction");
@@ -490,13 +548,20 @@ impl Deployer {
                     Ok(()) | Err(ChainError::NonceUsed { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
-                return self.mined(entry, model_id, step, &rec).await;
+                return Ok(rec);
             }
             warn!(step = ?step, hash = %rec.hash, nonce = rec.nonce, "journaled transaction can no longer land; rebuilding");
             self.journal.clear_tx(model_id, step).await?;
             entry.clear_tx(step);
+            if step == Step::Deploy && entry.register.is_some() {
+                self.journal.clear_tx(model_id, Step::Register).await?;
+                entry.clear_tx(Step::Register);
+            }
         }
-        let gas = self.chain.estimate(&call).await?;
+        let gas = match gas {
+            Some(g) => g,
+            None => self.chain.estimate(&call).await?,
+        };
         let journal = &self.journal;
         let signed = self
             .chain
@@ -518,20 +583,22 @@ impl Deployer {
         };
         let rec = signed.record;
         info!(step = ?step, hash = %rec.hash, nonce = rec.nonce, "transaction sent");
+        entry.set_tx(step, rec.clone(), signed.contract_address);
         self.audit_tx("tx_sent", entry, model_id, step, &rec, [])
             .await;
-        entry.set_tx(step, rec.clone(), signed.contract_address);
-        self.mined(entry, model_id, step, &rec).await
+        Ok(rec)
     }
 
+    /// Waits for a sent transaction's receipt. A revert is final: the journal forgets the
+    /// transaction so that the next attempt starts this step over.
     async fn mined(
         &self,
-        entry: &mut Entry,
+        message_id: &str,
         model_id: &str,
         step: Step,
         rec: &TxRecord,
     ) -> Result<Mined, AttemptError> {
-        match self.chain.wait_mined(rec.hash).await {
+        match self.chain.wait_mined(rec).await {
             Ok(m) => {
                 let fee_gwei =
                     (u128::from(m.gas_used) * m.effective_gas_price / 1_000_000_000) as u64;
@@ -542,14 +609,12 @@ impl Deployer {
                     ("gas_used", m.gas_used.to_string()),
                     ("effective_gas_price", m.effective_gas_price.to_string()),
                 ];
-                self.audit_tx("tx_mined", entry, model_id, step, rec, extra)
+                self.audit_tx_of(message_id, "tx_mined", model_id, step, rec, extra)
                     .await;
                 Ok(m)
             }
             Err(e @ ChainError::Reverted { .. }) => {
-                // A reverted transaction is final; forget it so a requeue starts this step over.
                 self.journal.clear_tx(model_id, step).await?;
-                entry.clear_tx(step);
                 Err(e.into())
             }
             Err(e) => Err(e.into()),
@@ -565,7 +630,21 @@ impl Deployer {
         rec: &TxRecord,
         extra: [(&'static str, String); N],
     ) {
-        let mut f = self.fields(entry.message_id.as_deref().unwrap_or(""), model_id, extra);
+        let message_id = entry.message_id.as_deref().unwrap_or("");
+        self.audit_tx_of(message_id, action, model_id, step, rec, extra)
+            .await;
+    }
+
+    async fn audit_tx_of<const N: usize>(
+        &self,
+        message_id: &str,
+        action: &str,
+        model_id: &str,
+        step: Step,
+        rec: &TxRecord,
+        extra: [(&'static str, String); N],
+    ) {
+        let mut f = self.fields(message_id, model_id, extra);
         f.insert("step", step.label().to_owned());
         f.insert("tx_hash", rec.hash.to_string());
         f.insert("nonce", rec.nonce.to_string());
@@ -920,6 +999,21 @@ pub async fn run(
     status.set_phase("stopped");
     info!("worker stopped");
     Ok(())
+}
+
+/// A registration the registry refused because another token holds the model is
+/// `TOKEN_EXISTS` (the revert names that token); anything else stays as it is.
+fn token_exists_or(e: AttemptError, model_id: &str, ours: Address) -> AttemptError {
+    match &e {
+        AttemptError::Chain(c) => match c.registered_elsewhere() {
+            Some(token) if token != ours => AttemptError::TokenExists {
+                model_id: model_id.to_owned(),
+                token,
+            },
+            _ => e,
+        },
+        _ => e,
+    }
 }
 
 /// How often a paused worker looks at the flag again.

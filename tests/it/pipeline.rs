@@ -4,7 +4,7 @@ use alloy::primitives::Address;
 use hokusai_deployer::chain::{HokusaiToken, ModelRegistry};
 use serde_json::{json, Value};
 
-use crate::harness::{Stack, Switch};
+use crate::harness::{model_message, Stack, StackOpts, Switch};
 
 const SAMPLE: &str = include_str!("../data/producer-envelope.json");
 const BARE: &str = include_str!("../data/seed-bare.json");
@@ -364,5 +364,34 @@ async fn retries_exhausted_go_to_the_dlq_with_the_attempt_count() {
     assert_eq!(letter["attempts"], 3, "the first try and two retries");
     assert_eq!(letter["original"], SAMPLE.trim_end());
     switch.set_up(true);
+    worker.stop().await;
+}
+
+/// The registration does not wait for the deployment's receipt: with blocks every 2 s, both
+/// transactions of a model land in the same block (a waiting worker needs two blocks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_and_registration_land_in_the_same_block() {
+    let stack = Stack::start_with(StackOpts {
+        anvil_args: &["--block-time", "2"],
+        ..Default::default()
+    })
+    .await;
+    let worker = stack.worker(&[]);
+    for i in 0..3 {
+        stack
+            .push(&model_message(
+                &format!("same-block-{i}"),
+                &format!("same_block_{i}"),
+                &format!("sb-{i}"),
+            ))
+            .await;
+    }
+    for _ in 0..3 {
+        let e = stack.next_json(OUT).await;
+        assert_eq!(
+            e["block_number"], e["registry_block_number"],
+            "deploy and registration in one block: {e}"
+        );
+    }
     worker.stop().await;
 }

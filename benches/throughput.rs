@@ -1,0 +1,197 @@
+//! Throughput against the chain's own ceiling: `cargo bench --bench throughput`.
+//!
+//! Starts Redis and anvil with one-second blocks, deploys the contracts, runs the real binary
+//! (`hokusai-deployer run`) as a child process, pushes N messages at once and prints:
+//! deployments per hour, the chain's ceiling for the same run (block gas limit / measured gas
+//! per model x blocks per hour) and our share of it, p50/p95/p99 from push to event, and the
+//! daemon's peak RSS and CPU seconds. `BENCH_N` (default 1000) and `BENCH_CONCURRENCY`
+//! (default 64) change the run. Under `cargo test` it does nothing.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use alloy::providers::Provider;
+use fred::prelude::*;
+use hokusai_deployer::config::{Secret, Settings, Sources};
+use hokusai_deployer::{chain, localstack};
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn message(i: usize) -> String {
+    let mut v: serde_json::Value =
+        serde_json::from_str(include_str!("../tests/data/producer-envelope.json")).unwrap();
+    v["message_id"] = format!("bench-{i}").into();
+    v["payload"]["model_id"] = format!("bench_{i}").into();
+    v["payload"]["token_symbol"] = format!("b-{i}").into();
+    v.to_string()
+}
+
+/// (peak RSS bytes, CPU seconds) of a live process, from /proc.
+fn usage(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        rest.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat (11 and 12 after the name), in clock ticks.
+    (hwm, (ticks(11) + ticks(12)) / 100.0)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("throughput bench: run with `cargo bench --bench throughput`");
+        return Ok(());
+    }
+    let n = env_or("BENCH_N", 1000);
+    let concurrency = env_or("BENCH_CONCURRENCY", 64);
+    let dir = tempfile::tempdir()?;
+    let redis = localstack::redis(dir.path(), &[]).await?;
+    let anvil = localstack::anvil(&["--block-time", "1"]).await?;
+    let mut env = vec![
+        ("HOKUSAI__REDIS__URL".to_string(), redis.url("redis")),
+        ("HOKUSAI__CHAIN__RPC_URLS".to_string(), anvil.url("http")),
+    ];
+    let settings = Settings::load(Sources {
+        file: None,
+        env: env.clone(),
+    })?;
+    let key = Secret::new(localstack::ANVIL_DEV_KEY);
+    let boot = chain::bootstrap(&settings, &key, None).await?;
+    env.extend([
+        (
+            "HOKUSAI__CHAIN__MODEL_REGISTRY_ADDRESS".into(),
+            boot.model_registry.to_string(),
+        ),
+        (
+            "HOKUSAI__CHAIN__TOKEN_MANAGER_ADDRESS".into(),
+            boot.token_manager.to_string(),
+        ),
+        (
+            "HOKUSAI__CHAIN__PRIVATE_KEY".into(),
+            localstack::ANVIL_DEV_KEY.into(),
+        ),
+        (
+            "HOKUSAI__PIPELINE__CONCURRENCY".into(),
+            concurrency.to_string(),
+        ),
+        ("HOKUSAI__CHAIN__POLL_INTERVAL_MS".into(), "200".into()),
+        ("HOKUSAI__OPS__PORT".into(), "0".into()),
+        ("HOKUSAI__LOG__LEVEL".into(), "info".into()),
+        ("HOKUSAI__LOG__FORMAT".into(), "json".into()),
+    ]);
+    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_hokusai-deployer"))
+        .arg("run")
+        .env_clear()
+        .envs(env)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(
+            std::env::temp_dir().join("hokusai-bench-daemon.log"),
+        )?)
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = daemon.id().expect("running");
+
+    let client = hokusai_deployer::queue::client(&settings)?;
+    client.init().await?;
+    let provider = chain::provider(&settings)?;
+    let first_block = provider.get_block_number().await?;
+
+    let messages: Vec<String> = (0..n).map(message).collect();
+    let pushed = Instant::now();
+    let _: u64 = client.lpush("hokusai:model_ready_queue", messages).await?;
+    let mut latency = Vec::with_capacity(n);
+    let mut gas_per_model = Vec::with_capacity(n);
+    let mut seen: HashMap<String, ()> = HashMap::new();
+    while seen.len() < n {
+        let got: Option<(String, String)> = client
+            .brpop("hokusai:token_deployed_queue", 2.0)
+            .await
+            .or_else(|e| {
+                if *e.kind() == fred::error::ErrorKind::Timeout {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            })?;
+        let Some((_, event)) = got else {
+            anyhow::ensure!(
+                pushed.elapsed() < Duration::from_secs(3600),
+                "stalled at {} of {n}",
+                seen.len()
+            );
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_str(&event)?;
+        let model = v["model_id"].as_str().unwrap_or_default().to_owned();
+        if seen.insert(model, ()).is_none() {
+            latency.push(pushed.elapsed().as_secs_f64());
+            let g = |k: &str| {
+                v[k].as_str()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            gas_per_model.push(g("gas_used") + g("registry_gas_used"));
+        }
+    }
+    let elapsed = pushed.elapsed().as_secs_f64();
+    let last_block = provider.get_block_number().await?;
+    let block = provider
+        .get_block_by_number(last_block.into())
+        .await?
+        .expect("head block");
+    let gas_limit = block.header.gas_limit as f64;
+    let (rss, cpu) = usage(pid);
+    let _ = daemon.kill().await;
+    let dlq: u64 = client.llen("hokusai:model_ready_queue:dlq").await?;
+
+    latency.sort_by(f64::total_cmp);
+    let mean_gas = gas_per_model.iter().sum::<u64>() as f64 / gas_per_model.len() as f64;
+    let per_hour = n as f64 / elapsed * 3600.0;
+    let blocks = (last_block - first_block).max(1) as f64;
+    let blocks_per_hour = blocks / elapsed * 3600.0;
+    let ceiling = (gas_limit / mean_gas).floor() * blocks_per_hour;
+    println!("messages               {n} (concurrency {concurrency}, anvil --block-time 1)");
+    println!("dead-lettered          {dlq}");
+    println!("wall time              {elapsed:.1} s over {blocks} blocks");
+    println!("deployments per hour   {per_hour:.0}");
+    println!("gas per model          {mean_gas:.0} (block gas limit {gas_limit:.0})");
+    println!(
+        "chain ceiling          {ceiling:.0} per hour ({:.0} models per block x {blocks_per_hour:.0} blocks per hour)",
+        (gas_limit / mean_gas).floor()
+    );
+    println!("share of the ceiling   {:.1} %", per_hour / ceiling * 100.0);
+    println!(
+        "push -> event          p50 {:.1} s  p95 {:.1} s  p99 {:.1} s",
+        pct(&latency, 0.5),
+        pct(&latency, 0.95),
+        pct(&latency, 0.99)
+    );
+    println!("daemon peak RSS        {:.1} MiB", rss as f64 / 1048576.0);
+    println!("daemon CPU             {cpu:.1} s");
+    let _ = client.quit().await;
+    Ok(())
+}
