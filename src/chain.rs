@@ -70,6 +70,8 @@ pub enum ChainError {
     BadUrl { url: String, reason: String },
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error("network fees need {needed_gwei:.3} gwei per gas, above the cap of {cap_gwei} gwei")]
+    FeeAboveCap { needed_gwei: f64, cap_gwei: f64 },
 }
 
 impl ChainError {
@@ -87,6 +89,8 @@ impl ChainError {
             | ChainError::Config(_)
             | ChainError::Sign(_) => false,
             ChainError::Refused(_) | ChainError::NotMined(_) | ChainError::NonceUsed { .. } => true,
+            // Waits for fees to fall, bounded by time rather than by attempts.
+            ChainError::FeeAboveCap { .. } => true,
         }
     }
 }
@@ -119,6 +123,7 @@ impl ChainError {
             | ChainError::Reverted { .. }
             | ChainError::WouldRevert(_) => "DEPLOYMENT_FAILED",
             ChainError::NotMined(_) => "TRANSACTION_TIMEOUT",
+            ChainError::FeeAboveCap { .. } => "INSUFFICIENT_GAS",
             ChainError::Refused(_) | ChainError::NonceUsed { .. } => "RPC_ERROR",
             ChainError::WrongChain { .. }
             | ChainError::BadKey(_)
@@ -275,6 +280,8 @@ pub struct Chain {
     send_lock: Mutex<Nonces>,
     /// The last head read and when (see [`Chain::head`]).
     head: Mutex<Option<(Instant, u64)>>,
+    /// `chain.max_fee_per_gas_gwei` in wei.
+    fee_cap: Option<u128>,
 }
 
 /// How long an unmined transaction goes before the node is asked whether it still holds it.
@@ -315,6 +322,10 @@ impl Chain {
             gas_margin_percent: settings.chain.gas_limit_margin_percent,
             send_lock: Mutex::new(Nonces::default()),
             head: Mutex::new(None),
+            fee_cap: settings
+                .chain
+                .max_fee_per_gas_gwei
+                .map(|g| (g * 1e9) as u128),
         })
     }
 
@@ -538,16 +549,38 @@ impl Chain {
         }
     }
 
+    /// EIP-1559 fees from fee history (alloy: max fee = 2 x base fee + priority fee), legacy gas
+    /// price on chains without a base fee. Under a cap the max fee is lowered to the cap while
+    /// base fee plus priority fee still fit; otherwise [`ChainError::FeeAboveCap`].
     async fn fees(&self) -> Result<Fees, ChainError> {
+        let gwei = |wei: u128| wei as f64 / 1e9;
         match self.provider.estimate_eip1559_fees().await {
-            Ok(f) => Ok(Fees::Eip1559 {
-                max_fee: f.max_fee_per_gas,
-                priority: f.max_priority_fee_per_gas,
-            }),
+            Ok(f) => {
+                let priority = f.max_priority_fee_per_gas;
+                let base = f.max_fee_per_gas.saturating_sub(priority) / 2;
+                let mut max_fee = f.max_fee_per_gas;
+                if let Some(cap) = self.fee_cap {
+                    if base + priority > cap {
+                        return Err(ChainError::FeeAboveCap {
+                            needed_gwei: gwei(base + priority),
+                            cap_gwei: gwei(cap),
+                        });
+                    }
+                    max_fee = max_fee.min(cap);
+                }
+                Ok(Fees::Eip1559 { max_fee, priority })
+            }
             // A chain without EIP-1559 has no base fee: price the legacy way.
-            Err(_) => Ok(Fees::Legacy {
-                gas_price: self.provider.get_gas_price().await?,
-            }),
+            Err(_) => {
+                let gas_price = self.provider.get_gas_price().await?;
+                match self.fee_cap {
+                    Some(cap) if gas_price > cap => Err(ChainError::FeeAboveCap {
+                        needed_gwei: gwei(gas_price),
+                        cap_gwei: gwei(cap),
+                    }),
+                    _ => Ok(Fees::Legacy { gas_price }),
+                }
+            }
         }
     }
 }

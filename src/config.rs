@@ -160,6 +160,17 @@ pub struct ChainSettings {
     pub receipt_timeout_secs: u64,
     pub poll_interval_ms: u64,
     pub gas_limit_margin_percent: u64,
+    /// Highest max fee per gas we pay, in gwei; unset means no cap.
+    #[serde(default)]
+    pub max_fee_per_gas_gwei: Option<f64>,
+    /// How long a message waits for fees under the cap before it is dead-lettered
+    /// as `INSUFFICIENT_GAS`.
+    #[serde(default = "default_fee_cap_wait")]
+    pub fee_cap_wait_secs: u64,
+}
+
+fn default_fee_cap_wait() -> u64 {
+    3600
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -382,6 +393,14 @@ impl Settings {
         }
         if self.ops.probe_timeout_ms == 0 {
             return Err(invalid("ops.probe_timeout_ms", "must be at least 1"));
+        }
+        if let Some(cap) = self.chain.max_fee_per_gas_gwei {
+            if !cap.is_finite() || cap <= 0.0 {
+                return Err(invalid(
+                    "chain.max_fee_per_gas_gwei",
+                    "must be a positive number of gwei",
+                ));
+            }
         }
         if self.chain.poll_interval_ms == 0 {
             return Err(invalid("chain.poll_interval_ms", "must be at least 1"));

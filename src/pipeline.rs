@@ -198,7 +198,7 @@ impl Deployer {
                         }
                         return outcome;
                     }
-                    Err(e) if e.is_retryable() && attempt <= self.settings.pipeline.max_retries => {
+                    Err(e) if self.should_retry(&e, attempt, started) => {
                         let delay = delays.next().unwrap_or(Duration::from_secs(1));
                         warn!(error = %e, code = e.code(), attempt, delay_ms = delay.as_millis() as u64, "attempt failed, retrying");
                         metrics::counter!(names::RETRIES, "code" => e.code()).increment(1);
@@ -238,6 +238,15 @@ impl Deployer {
         }
         .instrument(span)
         .await
+    }
+
+    /// Retry a retryable fault up to `pipeline.max_retries`; fees above the cap are waited
+    /// out for `chain.fee_cap_wait_secs` however many attempts that takes.
+    fn should_retry(&self, e: &AttemptError, attempt: u32, started: Instant) -> bool {
+        if matches!(e, AttemptError::Chain(ChainError::FeeAboveCap { .. })) {
+            return started.elapsed() < Duration::from_secs(self.settings.chain.fee_cap_wait_secs);
+        }
+        e.is_retryable() && attempt <= self.settings.pipeline.max_retries
     }
 
     fn letter_for_rejection(&self, raw: &[u8], r: &Rejection, at: &str) -> DeadLetter {

@@ -395,3 +395,51 @@ async fn deployment_and_registration_land_in_the_same_block() {
     }
     worker.stop().await;
 }
+
+/// Fees above the cap: the message waits (retried, not counted against `max_retries`), sends
+/// nothing, and after `fee_cap_wait_secs` is dead-lettered `INSUFFICIENT_GAS`. Under a cap
+/// that the network fits, it deploys and never pays more than the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fees_above_the_cap_wait_then_dead_letter_and_a_higher_cap_deploys() {
+    // anvil mines only on demand: the base fee starts at 50 gwei and drifts down slowly.
+    let stack = Stack::start_with(StackOpts {
+        anvil_args: &["--base-fee", "50000000000"],
+        ..Default::default()
+    })
+    .await;
+    let low = stack.worker(&[
+        ("HOKUSAI__CHAIN__MAX_FEE_PER_GAS_GWEI", "10"),
+        ("HOKUSAI__CHAIN__FEE_CAP_WAIT_SECS", "3"),
+        ("HOKUSAI__PIPELINE__MAX_RETRIES", "1"),
+    ]);
+    let msg = model_message("fee-1", "fee_model", "fee");
+    stack.push(&msg).await;
+    let letter = stack.next_json(DLQ).await;
+    low.stop().await;
+    assert_eq!(letter["error"]["code"], "INSUFFICIENT_GAS", "{letter}");
+    assert!(
+        letter["attempts"].as_u64().unwrap() > 2,
+        "waited past max_retries: {letter}"
+    );
+    assert!(
+        letter["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cap of 10 gwei"),
+        "{letter}"
+    );
+    assert_eq!(stack.creations().await, 0, "nothing was sent");
+
+    let high = stack.worker(&[("HOKUSAI__CHAIN__MAX_FEE_PER_GAS_GWEI", "500")]);
+    stack.push(&msg).await;
+    let event = stack.next_json(OUT).await;
+    high.stop().await;
+    assert_eq!(event["model_id"], "fee_model");
+    let price: u128 = event["gas_price"].as_str().unwrap().parse().unwrap();
+    // Above the low cap (which could not have paid), within the high one.
+    assert!(
+        price > 10_000_000_000 && price <= 500_000_000_000,
+        "{price}"
+    );
+    assert_eq!(stack.creations().await, 1);
+}
