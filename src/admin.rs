@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit::{Audit, Fields};
 use crate::config::{QueueSettings, Settings};
 use crate::message::DeadLetter;
-use crate::queue::QueueError;
+use crate::queue::{heartbeat_key, pause_key, processing_key, workers_key, QueueError};
 
 /// Pops up to ARGV[1] of the oldest dead letters; each well-formed one goes back to the end of
 /// the inbound queue as its original message, anything else returns to the DLQ's newest end.
@@ -103,10 +103,6 @@ pub struct Admin {
     audit: Audit,
 }
 
-pub fn pause_key(settings: &Settings) -> String {
-    format!("{}:paused", settings.queues.state_prefix)
-}
-
 impl Admin {
     pub fn new(client: Client, settings: &Settings, actor: &str) -> Admin {
         Admin {
@@ -116,13 +112,12 @@ impl Admin {
         }
     }
 
-    fn key(&self, suffix: &str) -> String {
-        format!("{}:{suffix}", self.q.state_prefix)
-    }
-
     /// Depths of every queue, the workers and the pause flag, in one round trip.
     pub async fn stats(&self) -> Result<Stats, QueueError> {
-        let workers: Vec<String> = self.client.smembers(self.key("workers")).await?;
+        let workers: Vec<String> = self
+            .client
+            .smembers(workers_key(&self.q.state_prefix))
+            .await?;
         let p = self.client.pipeline();
         for k in [
             &self.q.inbound,
@@ -132,10 +127,10 @@ impl Admin {
         ] {
             let _: () = p.llen(k).await?;
         }
-        let _: () = p.get(self.key("paused")).await?;
+        let _: () = p.get(pause_key(&self.q.state_prefix)).await?;
         for w in &workers {
-            let _: () = p.ttl(self.key(&format!("heartbeat:{w}"))).await?;
-            let _: () = p.llen(format!("{}:{w}", self.q.processing)).await?;
+            let _: () = p.ttl(heartbeat_key(&self.q.state_prefix, w)).await?;
+            let _: () = p.llen(processing_key(&self.q.processing, w)).await?;
         }
         let v: Vec<Value> = p.all().await?;
         let n = |i: usize| v.get(i).and_then(Value::as_i64).unwrap_or(0);
@@ -269,7 +264,7 @@ impl Admin {
         let body = serde_json::to_string(&p).expect("Pause always serializes");
         let _: () = self
             .client
-            .set(self.key("paused"), body, None, None, false)
+            .set(pause_key(&self.q.state_prefix), body, None, None, false)
             .await?;
         self.audit
             .record("paused", Fields::from([("reason", reason.to_owned())]))
@@ -279,7 +274,7 @@ impl Admin {
 
     /// Clears the pause flag; returns whether it was set.
     pub async fn resume(&self) -> Result<bool, QueueError> {
-        let n: u64 = self.client.del(self.key("paused")).await?;
+        let n: u64 = self.client.del(pause_key(&self.q.state_prefix)).await?;
         self.audit.record("resumed", Fields::new()).await;
         Ok(n > 0)
     }

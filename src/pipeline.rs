@@ -100,6 +100,14 @@ pub struct Deployer {
     audit: Audit,
 }
 
+/// A finished attempt: the event to publish, the model's token, and whether this attempt
+/// created it (false: an earlier delivery did and the event is re-published).
+struct Done {
+    event: String,
+    token: Address,
+    created: bool,
+}
+
 /// Where a message ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -177,7 +185,7 @@ impl Deployer {
                     .instrument(attempt_span)
                     .await;
                 match result {
-                    Ok((event, created)) => {
+                    Ok(Done { event, token, created }) => {
                         let outcome = self.publish(raw, &event, shutdown).await;
                         if outcome == Outcome::Deployed {
                             let elapsed = started.elapsed();
@@ -186,12 +194,11 @@ impl Deployer {
                             metrics::counter!(names::MESSAGES, "result" => "deployed").increment(1);
                             metrics::counter!(names::DEPLOYMENTS, "outcome" => how).increment(1);
                             metrics::histogram!(names::DEPLOYMENT_DURATION).record(elapsed.as_secs_f64());
-                            let token = serde_json::from_str::<TokenDeployed>(&event).map(|e| e.token_address).unwrap_or_default();
                             self.audit
                                 .record("deployed", self.fields(&msg.message_id, &msg.model.model_id, [
                                     ("attempt", attempt.to_string()),
                                     ("result", how.to_owned()),
-                                    ("token_address", token),
+                                    ("token_address", token.to_checksum(None)),
                                     ("elapsed_ms", elapsed.as_millis().to_string()),
                                 ]))
                                 .await;
@@ -361,11 +368,7 @@ impl Deployer {
 
     /// One attempt: under the model's lock, resume from the journal and return the event.
     /// Returns the event and whether this attempt created the token (false: re-published).
-    async fn attempt(
-        &self,
-        msg: &Inbound,
-        first_attempt_at: &str,
-    ) -> Result<(String, bool), AttemptError> {
+    async fn attempt(&self, msg: &Inbound, first_attempt_at: &str) -> Result<Done, AttemptError> {
         let model_id = &msg.model.model_id;
         let owner = format!(
             "{}|{}|{}",
@@ -392,13 +395,17 @@ impl Deployer {
         &self,
         msg: &Inbound,
         first_attempt_at: &str,
-    ) -> Result<(String, bool), AttemptError> {
+    ) -> Result<Done, AttemptError> {
         let model_id = &msg.model.model_id;
         let mut entry = self.journal.load(model_id).await?;
         if let Some(event) = &entry.event {
             if entry.message_id.as_deref() == Some(msg.message_id.as_str()) {
                 info!("already deployed: re-publishing the journaled event");
-                return Ok((event.clone(), false));
+                return Ok(Done {
+                    event: event.clone(),
+                    token: entry.token_address.unwrap_or_default(),
+                    created: false,
+                });
             }
             let token = entry.token_address.unwrap_or_default();
             return Err(AttemptError::TokenExists {
@@ -516,7 +523,11 @@ impl Deployer {
         let event = self.event(&entry, &model, &deployed, registered_tx.as_ref());
         let event = serde_json::to_string(&event).expect("TokenDeployed always serializes");
         self.journal.record_event(model_id, &event).await?;
-        Ok((event, true))
+        Ok(Done {
+            event,
+            token,
+            created: true,
+        })
     }
 
     /// Brings one transaction to mined: [`Self::send`], then its receipt.
@@ -545,13 +556,14 @@ impl Deployer {
         call: Call,
         gas: Option<u64>,
     ) -> Result<TxRecord, AttemptError> {
+        let message_id = entry.message_id.clone().unwrap_or_default();
         if let Some(rec) = entry.tx(step).cloned() {
             if self.chain.receipt(rec.hash).await?.is_some() {
                 return Ok(rec);
             }
             if self.chain.can_still_land(&rec).await? {
                 info!(step = ?step, hash = %rec.hash, nonce = rec.nonce, "re-broadcasting journaled transaction");
-                self.audit_tx("tx_rebroadcast", entry, model_id, step, &rec, [])
+                self.audit_tx(&message_id, "tx_rebroadcast", model_id, step, &rec, [])
                     .await;
                 match self.chain.broadcast(&rec).await {
                     Ok(()) | Err(ChainError::NonceUsed { .. }) => {}
@@ -593,7 +605,7 @@ impl Deployer {
         let rec = signed.record;
         info!(step = ?step, hash = %rec.hash, nonce = rec.nonce, "transaction sent");
         entry.set_tx(step, rec.clone(), signed.contract_address);
-        self.audit_tx("tx_sent", entry, model_id, step, &rec, [])
+        self.audit_tx(&message_id, "tx_sent", model_id, step, &rec, [])
             .await;
         Ok(rec)
     }
@@ -618,7 +630,7 @@ impl Deployer {
                     ("gas_used", m.gas_used.to_string()),
                     ("effective_gas_price", m.effective_gas_price.to_string()),
                 ];
-                self.audit_tx_of(message_id, "tx_mined", model_id, step, rec, extra)
+                self.audit_tx(message_id, "tx_mined", model_id, step, rec, extra)
                     .await;
                 Ok(m)
             }
@@ -631,20 +643,6 @@ impl Deployer {
     }
 
     async fn audit_tx<const N: usize>(
-        &self,
-        action: &str,
-        entry: &Entry,
-        model_id: &str,
-        step: Step,
-        rec: &TxRecord,
-        extra: [(&'static str, String); N],
-    ) {
-        let message_id = entry.message_id.as_deref().unwrap_or("");
-        self.audit_tx_of(message_id, action, model_id, step, rec, extra)
-            .await;
-    }
-
-    async fn audit_tx_of<const N: usize>(
         &self,
         message_id: &str,
         action: &str,

@@ -185,7 +185,7 @@ impl Queues {
             redis,
             inbound: q.inbound.clone(),
             processing_prefix: q.processing.clone(),
-            processing: format!("{}:{worker_id}", q.processing),
+            processing: processing_key(&q.processing, &worker_id),
             dlq: q.dlq.clone(),
             outbound: q.outbound.clone(),
             failures: q.failures.clone(),
@@ -202,10 +202,6 @@ impl Queues {
         &self.redis.commands
     }
 
-    fn processing_of(&self, worker: &str) -> String {
-        format!("{}:{worker}", self.processing_prefix)
-    }
-
     /// Runs one of this module's Lua scripts on the command connection.
     async fn script<R: FromValue>(
         &self,
@@ -218,11 +214,11 @@ impl Queues {
     }
 
     fn heartbeat_prefix(&self) -> String {
-        format!("{}:heartbeat:", self.state_prefix)
+        heartbeat_key(&self.state_prefix, "")
     }
 
     fn workers_key(&self) -> String {
-        format!("{}:workers", self.state_prefix)
+        workers_key(&self.state_prefix)
     }
 
     /// Waits up to the blocking timeout for one message, moving it into our processing list.
@@ -251,7 +247,7 @@ impl Queues {
         let n: u64 = self
             .redis
             .commands
-            .exists(format!("{}:paused", self.state_prefix))
+            .exists(pause_key(&self.state_prefix))
             .await?;
         Ok(n > 0)
     }
@@ -321,7 +317,7 @@ impl Queues {
 
     /// Announces this worker alive for `heartbeat_ttl` seconds.
     pub async fn heartbeat(&self) -> Result<(), QueueError> {
-        let key = format!("{}{}", self.heartbeat_prefix(), self.worker_id);
+        let key = heartbeat_key(&self.state_prefix, &self.worker_id);
         let _: () = self
             .redis
             .commands
@@ -343,7 +339,7 @@ impl Queues {
 
     /// Removes our heartbeat at a clean shutdown so the reaper need not wait for it to expire.
     pub async fn retire(&self) -> Result<(), QueueError> {
-        let key = format!("{}{}", self.heartbeat_prefix(), self.worker_id);
+        let key = heartbeat_key(&self.state_prefix, &self.worker_id);
         let _: () = self.redis.commands.del(&key).await?;
         Ok(())
     }
@@ -354,8 +350,8 @@ impl Queues {
         let mut total = 0;
         for w in workers.iter().filter(|w| **w != self.worker_id) {
             let keys = vec![
-                format!("{}{w}", self.heartbeat_prefix()),
-                self.processing_of(w),
+                heartbeat_key(&self.state_prefix, w),
+                processing_key(&self.processing_prefix, w),
                 self.inbound.clone(),
                 self.workers_key(),
             ];
@@ -445,6 +441,25 @@ impl Queues {
             .await?;
         Ok(())
     }
+}
+
+/// Key names of the state shared by workers and operator commands, spelled in one place.
+pub fn workers_key(state_prefix: &str) -> String {
+    format!("{state_prefix}:workers")
+}
+
+/// The heartbeat key of a worker; the lock script reads `<state_prefix>:heartbeat:<worker>`.
+pub fn heartbeat_key(state_prefix: &str, worker: &str) -> String {
+    format!("{state_prefix}:heartbeat:{worker}")
+}
+
+pub fn pause_key(state_prefix: &str) -> String {
+    format!("{state_prefix}:paused")
+}
+
+/// A worker's processing list: `<queues.processing>:<worker_id>`.
+pub fn processing_key(processing_prefix: &str, worker: &str) -> String {
+    format!("{processing_prefix}:{worker}")
 }
 
 /// Runs one Redis call and records its latency (`hokusai_redis_command_duration_seconds`).
