@@ -2,7 +2,7 @@
 //! entry in a capped Redis stream (`<state_prefix>:audit`, `XADD MAXLEN ~`) and one log line
 //! (target `audit`). Writing it never fails a deployment: a lost entry is counted and logged.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use fred::prelude::*;
 use fred::types::streams::{XCapKind, XCapTrim};
@@ -64,6 +64,7 @@ impl Audit {
 
 /// A stream entry as Redis returns it: id and field-value pairs.
 type RawEntry = (String, BTreeMap<String, String>);
+type StreamEntry = (String, HashMap<String, String>);
 
 /// One stream entry: its id and fields.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -93,17 +94,21 @@ pub async fn after(
     last_id: &str,
     block_ms: u64,
 ) -> Result<Vec<Record>, fred::error::Error> {
-    let v: Value = client
-        .xread(Some(100), Some(block_ms), key, last_id)
-        .await?;
-    if v.is_null() {
-        return Ok(vec![]);
-    }
-    let mut streams: BTreeMap<String, Vec<RawEntry>> = v.convert()?;
+    // XREAD answers [[key, entries]] (RESP2) or a map (RESP3); xread_map reads either.
+    let read = client
+        .xread_map(Some(100), Some(block_ms), key, last_id)
+        .await;
+    let mut streams: HashMap<String, Vec<StreamEntry>> = match read {
+        Ok(s) => s,
+        // Nothing arrived within `block_ms`: fred reports the empty answer as a timeout.
+        Err(e) if *e.kind() == fred::error::ErrorKind::Timeout => HashMap::new(),
+        Err(e) => return Err(e),
+    };
     Ok(streams
         .remove(key)
         .unwrap_or_default()
         .into_iter()
+        .map(|(id, fields)| (id, fields.into_iter().collect()))
         .map(|(id, fields)| Record { id, fields })
         .collect())
 }

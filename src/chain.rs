@@ -5,7 +5,8 @@
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
-use alloy::eips::eip2718::Encodable2718;
+use alloy::consensus::{Transaction as _, TxEnvelope};
+use alloy::eips::eip2718::{Decodable2718, Encodable2718};
 use alloy::eips::BlockId;
 use alloy::network::{EthereumWallet, NetworkTransactionBuilder, TransactionBuilder};
 use alloy::primitives::{Address, Bytes, TxHash};
@@ -282,10 +283,52 @@ pub struct Chain {
     head: Mutex<Option<(Instant, u64)>>,
     /// `chain.max_fee_per_gas_gwei` in wei.
     fee_cap: Option<u128>,
+    /// `chain.priority_fee_gwei` in wei; unset asks `eth_feeHistory`.
+    priority_fee: Option<u128>,
+    /// The network's fees, read once per head (see [`Chain::market`]).
+    market: Mutex<Option<(u64, Market)>>,
+    /// `chain.replace_after_secs`.
+    pub replace_after: Duration,
+    /// `chain.replacement_bump_percent`.
+    bump_percent: u128,
 }
 
-/// How long an unmined transaction goes before the node is asked whether it still holds it.
-const REBROADCAST_CHECK: Duration = Duration::from_secs(3);
+/// What the network asks per gas right now.
+#[derive(Debug, Clone, Copy)]
+enum Market {
+    Eip1559 { base: u128, priority: u128 },
+    Legacy { gas_price: u128 },
+}
+
+/// How waiting for a transaction ended, short of an error.
+#[derive(Debug)]
+pub enum Waited {
+    Mined(Mined),
+    /// Time to replace it with higher fees: it waited `chain.replace_after_secs`, or the node
+    /// dropped it and refused it back at its price.
+    Replace(Stuck),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stuck {
+    /// Not mined within `chain.replace_after_secs`.
+    Slow,
+    /// Gone from the node's pool and refused when re-broadcast (priced under the base fee).
+    Dropped,
+}
+
+impl Stuck {
+    pub fn label(self) -> &'static str {
+        match self {
+            Stuck::Slow => "slow",
+            Stuck::Dropped => "dropped",
+        }
+    }
+}
+
+/// The node is asked whether it still holds an unmined transaction once per new block after
+/// the first, and no more often than this.
+const POOL_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// A transaction to sign: a contract creation or a call.
 #[derive(Clone)]
@@ -326,6 +369,10 @@ impl Chain {
                 .chain
                 .max_fee_per_gas_gwei
                 .map(|g| (g * 1e9) as u128),
+            priority_fee: settings.chain.priority_fee_gwei.map(|g| (g * 1e9) as u128),
+            market: Mutex::new(None),
+            replace_after: Duration::from_secs(settings.chain.replace_after_secs),
+            bump_percent: u128::from(settings.chain.replacement_bump_percent),
         })
     }
 
@@ -429,6 +476,7 @@ impl Chain {
                 nonce,
                 hash: *envelope.tx_hash(),
                 raw: envelope.encoded_2718().into(),
+                replaced: Vec::new(),
             },
             contract_address: matches!(call, Call::Deploy(_)).then(|| self.signer.create(nonce)),
         };
@@ -479,15 +527,27 @@ impl Chain {
             return Ok(true);
         }
         // Re-check after reading the nonce: it may have been ours that passed it.
-        Ok(self
-            .provider
-            .get_transaction_receipt(rec.hash)
-            .await?
-            .is_some())
+        Ok(self.landed(rec).await?.is_some())
     }
 
-    pub async fn receipt(&self, hash: TxHash) -> Result<Option<TransactionReceipt>, ChainError> {
-        Ok(self.provider.get_transaction_receipt(hash).await?)
+    /// The receipt of whichever version of a transaction was mined, if one was.
+    pub async fn landed(&self, rec: &TxRecord) -> Result<Option<TransactionReceipt>, ChainError> {
+        for hash in rec.hashes() {
+            if let Some(r) = self.provider.get_transaction_receipt(hash).await? {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether the node holds any version of a transaction (pending or mined).
+    async fn known(&self, rec: &TxRecord) -> Result<bool, ChainError> {
+        for hash in rec.hashes() {
+            if self.provider.get_transaction_by_hash(hash).await?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The latest block number, read at most once per poll interval however many
@@ -504,61 +564,190 @@ impl Chain {
         Ok(n)
     }
 
-    /// Waits for a receipt and the configured confirmations; a revert is an error. The
-    /// receipt is looked up once per new block. A transaction the node no longer holds
-    /// (dropped from its pool) is re-broadcast with its exact bytes, so its nonce never
-    /// stays a gap that stalls every later transaction of the signer.
-    pub async fn wait_mined(&self, rec: &TxRecord) -> Result<Mined, ChainError> {
-        let hash = rec.hash;
-        let deadline = Instant::now() + self.receipt_timeout;
+    /// Waits for a receipt of any version of a transaction and the configured confirmations,
+    /// until `deadline` (then [`ChainError::NotMined`]); a revert is an error. Receipts are
+    /// looked up once per new block. From the second block on, a transaction the node no
+    /// longer holds is re-broadcast with its exact bytes, so its nonce never stays a gap that
+    /// stalls every later transaction of the signer; when the node refuses it back (priced
+    /// under the base fee), or at `replace_at`, the caller is told to replace it.
+    pub async fn wait_mined(
+        &self,
+        rec: &TxRecord,
+        deadline: Instant,
+        replace_at: Instant,
+    ) -> Result<Waited, ChainError> {
         let mut checked_at: Option<u64> = None;
+        let mut heads = 0u32;
         let mut pool_checked = Instant::now();
         loop {
             let head = self.head().await?;
             if checked_at != Some(head) {
                 checked_at = Some(head);
-                if let Some(r) = self.provider.get_transaction_receipt(hash).await? {
+                heads += 1;
+                if let Some(r) = self.landed(rec).await? {
                     let block = r.block_number.unwrap_or_default();
                     if !r.status() {
-                        return Err(ChainError::Reverted { hash, block });
+                        return Err(ChainError::Reverted {
+                            hash: r.transaction_hash,
+                            block,
+                        });
                     }
                     if head + 1 >= block + self.confirmations {
-                        return Ok(Mined {
-                            hash,
+                        return Ok(Waited::Mined(Mined {
+                            hash: r.transaction_hash,
                             block_number: block,
                             gas_used: r.gas_used,
                             effective_gas_price: r.effective_gas_price,
                             contract_address: r.contract_address,
-                        });
+                        }));
                     }
-                } else if pool_checked.elapsed() >= REBROADCAST_CHECK {
+                } else if Instant::now() >= replace_at {
+                    return Ok(Waited::Replace(Stuck::Slow));
+                } else if heads > 2 && pool_checked.elapsed() >= POOL_CHECK_EVERY {
                     pool_checked = Instant::now();
-                    if self.provider.get_transaction_by_hash(hash).await?.is_none() {
-                        tracing::warn!(%hash, nonce = rec.nonce, "transaction missing from the node's pool; re-broadcasting it");
+                    if !self.known(rec).await? {
+                        tracing::warn!(hash = %rec.hash, nonce = rec.nonce, "transaction missing from the node's pool; re-broadcasting it");
                         match self.broadcast(rec).await {
-                            Ok(()) | Err(ChainError::NonceUsed { .. }) => {}
-                            Err(e) => tracing::warn!(error = %e, %hash, "re-broadcast failed"),
+                            Ok(()) => {}
+                            Err(e @ ChainError::NonceUsed { .. }) => {
+                                // Taken by a transaction that is none of ours (checked above):
+                                // this one can never land; the next attempt rebuilds it.
+                                if self.landed(rec).await?.is_none() {
+                                    return Err(e);
+                                }
+                            }
+                            Err(ChainError::Refused(reason)) => {
+                                tracing::warn!(hash = %rec.hash, %reason, "the node refused the re-broadcast; replacing the transaction");
+                                return Ok(Waited::Replace(Stuck::Dropped));
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, hash = %rec.hash, "re-broadcast failed")
+                            }
                         }
                     }
                 }
             }
             if Instant::now() >= deadline {
-                return Err(ChainError::NotMined(hash));
+                return Err(ChainError::NotMined(rec.hash));
             }
             tokio::time::sleep(self.poll_interval).await;
         }
     }
 
-    /// EIP-1559 fees from fee history (alloy: max fee = 2 x base fee + priority fee), legacy gas
-    /// price on chains without a base fee. Under a cap the max fee is lowered to the cap while
-    /// base fee plus priority fee still fit; otherwise [`ChainError::FeeAboveCap`].
+    /// When an attempt's wait for receipts gives up.
+    pub fn receipt_deadline(&self) -> Instant {
+        Instant::now() + self.receipt_timeout
+    }
+
+    /// Signs a replacement of a stuck transaction: same nonce, gas and call, both fees raised
+    /// by `chain.replacement_bump_percent` or to the network's current price if that is higher,
+    /// never above the cap. `journal` records it (with the hashes it replaces) before it is
+    /// broadcast. `None`: under the cap the fees cannot be raised enough to replace it.
+    /// A refused broadcast is logged, not returned: the journaled version is what the caller
+    /// waits for, and the earlier versions still count if one of them lands.
+    pub async fn replace<F, Fut, E>(
+        &self,
+        rec: &TxRecord,
+        journal: F,
+    ) -> Result<Option<TxRecord>, SendError<E>>
+    where
+        F: FnOnce(TxRecord) -> Fut,
+        Fut: std::future::Future<Output = Result<TxRecord, E>>,
+    {
+        let old = TxEnvelope::decode_2718(&mut rec.raw.as_ref())
+            .map_err(|e| SendError::Chain(ChainError::Sign(format!("journaled bytes: {e}"))))?;
+        let market = self.market().await.map_err(SendError::Chain)?;
+        let Some(fees) = replacement_fees(&old, market, self.bump_percent, self.fee_cap) else {
+            return Ok(None);
+        };
+        let mut tx = TransactionRequest::from_transaction(old).with_from(self.signer);
+        tx = match fees {
+            Fees::Eip1559 { max_fee, priority } => tx
+                .with_max_fee_per_gas(max_fee)
+                .with_max_priority_fee_per_gas(priority),
+            Fees::Legacy { gas_price } => tx.with_gas_price(gas_price),
+        };
+        let envelope = tx
+            .build(&self.wallet)
+            .await
+            .map_err(|e| SendError::Chain(ChainError::Sign(e.to_string())))?;
+        let mut replaced = rec.replaced.clone();
+        replaced.push(rec.hash);
+        let new = TxRecord {
+            signer: rec.signer,
+            nonce: rec.nonce,
+            hash: *envelope.tx_hash(),
+            raw: envelope.encoded_2718().into(),
+            replaced,
+        };
+        let new = journal(new).await.map_err(SendError::Journal)?;
+        match self.broadcast(&new).await {
+            // Taken: by an earlier version (its receipt ends the wait) or by another
+            // transaction (the wait finds out and the attempt rebuilds).
+            Ok(()) | Err(ChainError::NonceUsed { .. }) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, hash = %new.hash, "the node refused the replacement; it is re-broadcast while the wait goes on")
+            }
+        }
+        Ok(Some(new))
+    }
+
+    /// The network's fees, read at most once per head whoever asks: base fee and priority fee
+    /// (`chain.priority_fee_gwei`, else the 20th percentile of recent tips from
+    /// `eth_feeHistory`), or the legacy gas price on chains without a base fee.
+    async fn market(&self) -> Result<Market, ChainError> {
+        let head = self.head().await?;
+        let mut cached = self.market.lock().await;
+        if let Some((at, m)) = *cached {
+            if at == head {
+                return Ok(m);
+            }
+        }
+        let m = match self.priority_fee {
+            Some(priority) => {
+                let latest = self
+                    .provider
+                    .get_block_by_number(alloy::eips::BlockNumberOrTag::Latest)
+                    .await?;
+                match latest.and_then(|b| b.header.base_fee_per_gas) {
+                    Some(base) => Market::Eip1559 {
+                        base: u128::from(base),
+                        priority,
+                    },
+                    None => Market::Legacy {
+                        gas_price: self.provider.get_gas_price().await?,
+                    },
+                }
+            }
+            None => match self.provider.estimate_eip1559_fees().await {
+                // alloy's estimate is 2 x base fee + priority fee.
+                Ok(f) => Market::Eip1559 {
+                    base: f.max_fee_per_gas.saturating_sub(f.max_priority_fee_per_gas) / 2,
+                    priority: f.max_priority_fee_per_gas,
+                },
+                // A chain without EIP-1559 has no base fee: price the legacy way.
+                Err(_) => Market::Legacy {
+                    gas_price: self.provider.get_gas_price().await?,
+                },
+            },
+        };
+        let base = match m {
+            Market::Eip1559 { base, .. } => base,
+            Market::Legacy { gas_price } => gas_price,
+        };
+        metrics::gauge!(crate::telemetry::names::BASE_FEE).set(base as f64 / 1e9);
+        *cached = Some((head, m));
+        Ok(m)
+    }
+
+    /// Fees for a new transaction: max fee = 2 x base fee + priority fee (room for six full
+    /// blocks of base fee rises). Under a cap the max fee is lowered to the cap while base fee
+    /// plus priority fee still fit; otherwise [`ChainError::FeeAboveCap`].
     async fn fees(&self) -> Result<Fees, ChainError> {
         let gwei = |wei: u128| wei as f64 / 1e9;
-        match self.provider.estimate_eip1559_fees().await {
-            Ok(f) => {
-                let priority = f.max_priority_fee_per_gas;
-                let base = f.max_fee_per_gas.saturating_sub(priority) / 2;
-                let mut max_fee = f.max_fee_per_gas;
+        match self.market().await? {
+            Market::Eip1559 { base, priority } => {
+                let mut max_fee = 2 * base + priority;
                 if let Some(cap) = self.fee_cap {
                     if base + priority > cap {
                         return Err(ChainError::FeeAboveCap {
@@ -570,21 +759,51 @@ impl Chain {
                 }
                 Ok(Fees::Eip1559 { max_fee, priority })
             }
-            // A chain without EIP-1559 has no base fee: price the legacy way.
-            Err(_) => {
-                let gas_price = self.provider.get_gas_price().await?;
-                match self.fee_cap {
-                    Some(cap) if gas_price > cap => Err(ChainError::FeeAboveCap {
-                        needed_gwei: gwei(gas_price),
-                        cap_gwei: gwei(cap),
-                    }),
-                    _ => Ok(Fees::Legacy { gas_price }),
-                }
-            }
+            Market::Legacy { gas_price } => match self.fee_cap {
+                Some(cap) if gas_price > cap => Err(ChainError::FeeAboveCap {
+                    needed_gwei: gwei(gas_price),
+                    cap_gwei: gwei(cap),
+                }),
+                _ => Ok(Fees::Legacy { gas_price }),
+            },
         }
     }
 }
 
+/// Fees for replacing `old`: each raised by `bump_percent` (what nodes require of a
+/// replacement) or to the current market if that is higher, within `cap`. `None` when the cap
+/// leaves no room for the raise.
+fn replacement_fees(
+    old: &TxEnvelope,
+    market: Market,
+    bump_percent: u128,
+    cap: Option<u128>,
+) -> Option<Fees> {
+    let bump = |x: u128| x + (x * bump_percent).div_ceil(100);
+    let cap = cap.unwrap_or(u128::MAX);
+    if old.is_dynamic_fee() {
+        let (base, tip) = match market {
+            Market::Eip1559 { base, priority } => (base, priority),
+            Market::Legacy { gas_price } => (gas_price, 0),
+        };
+        let min_tip = bump(old.max_priority_fee_per_gas().unwrap_or(0));
+        let min_max = bump(old.max_fee_per_gas());
+        let priority = min_tip.max(tip);
+        let max_fee = min_max.max(2 * base + priority).min(cap);
+        let priority = priority.min(max_fee);
+        (max_fee >= min_max && priority >= min_tip).then_some(Fees::Eip1559 { max_fee, priority })
+    } else {
+        let current = match market {
+            Market::Eip1559 { base, priority } => base + priority,
+            Market::Legacy { gas_price } => gas_price,
+        };
+        let min_price = bump(old.gas_price().unwrap_or_default());
+        let gas_price = min_price.max(current).min(cap);
+        (gas_price >= min_price).then_some(Fees::Legacy { gas_price })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Fees {
     Eip1559 { max_fee: u128, priority: u128 },
     Legacy { gas_price: u128 },
@@ -642,6 +861,89 @@ pub async fn bootstrap(
 mod tests {
     use super::*;
     use alloy::rpc::json_rpc::ErrorPayload;
+
+    fn signed_1559(max_fee: u128, tip: u128) -> TxEnvelope {
+        use alloy::consensus::{SignableTransaction, TxEip1559};
+        use alloy::network::TxSignerSync;
+        let mut tx = TxEip1559 {
+            chain_id: 31337,
+            nonce: 7,
+            gas_limit: 900_000,
+            max_fee_per_gas: max_fee,
+            max_priority_fee_per_gas: tip,
+            ..Default::default()
+        };
+        let key = PrivateKeySigner::random();
+        let sig = key.sign_transaction_sync(&mut tx).unwrap();
+        TxEnvelope::Eip1559(tx.into_signed(sig))
+    }
+
+    const GWEI: u128 = 1_000_000_000;
+
+    #[test]
+    fn a_replacement_raises_both_fees_by_the_bump_or_to_the_market() {
+        let old = signed_1559(100 * GWEI, 2 * GWEI);
+        // The market is cheaper than the old transaction: the bump decides.
+        let calm = Market::Eip1559 {
+            base: 10 * GWEI,
+            priority: GWEI,
+        };
+        assert_eq!(
+            replacement_fees(&old, calm, 15, None),
+            Some(Fees::Eip1559 {
+                max_fee: 115 * GWEI,
+                priority: 2_300_000_000,
+            })
+        );
+        // The base fee ran away: the market decides (2 x base + tip).
+        let busy = Market::Eip1559 {
+            base: 100 * GWEI,
+            priority: 3 * GWEI,
+        };
+        assert_eq!(
+            replacement_fees(&old, busy, 15, None),
+            Some(Fees::Eip1559 {
+                max_fee: 203 * GWEI,
+                priority: 3 * GWEI,
+            })
+        );
+        // Under a cap: lowered to it while the bump still fits, refused when it does not.
+        assert_eq!(
+            replacement_fees(&old, busy, 15, Some(150 * GWEI)),
+            Some(Fees::Eip1559 {
+                max_fee: 150 * GWEI,
+                priority: 3 * GWEI,
+            })
+        );
+        assert_eq!(replacement_fees(&old, busy, 15, Some(110 * GWEI)), None);
+    }
+
+    #[test]
+    fn a_legacy_replacement_raises_the_gas_price() {
+        use alloy::consensus::{SignableTransaction, TxLegacy};
+        use alloy::network::TxSignerSync;
+        let mut tx = TxLegacy {
+            chain_id: Some(137),
+            nonce: 3,
+            gas_price: 40 * GWEI,
+            gas_limit: 900_000,
+            ..Default::default()
+        };
+        let sig = PrivateKeySigner::random()
+            .sign_transaction_sync(&mut tx)
+            .unwrap();
+        let old = TxEnvelope::Legacy(tx.into_signed(sig));
+        let market = Market::Legacy {
+            gas_price: 30 * GWEI,
+        };
+        assert_eq!(
+            replacement_fees(&old, market, 13, None),
+            Some(Fees::Legacy {
+                gas_price: 45_200_000_000
+            })
+        );
+        assert_eq!(replacement_fees(&old, market, 13, Some(45 * GWEI)), None);
+    }
 
     /// anvil's answer to simulating a registration of a model that already has a token.
     #[test]

@@ -167,6 +167,24 @@ pub struct ChainSettings {
     /// as `INSUFFICIENT_GAS`.
     #[serde(default = "default_fee_cap_wait")]
     pub fee_cap_wait_secs: u64,
+    /// Priority fee (tip) per gas in gwei; unset takes the 20th percentile of recent blocks'
+    /// tips from `eth_feeHistory`.
+    #[serde(default)]
+    pub priority_fee_gwei: Option<f64>,
+    /// A transaction not mined this long after it was sent is replaced (same nonce, higher fees).
+    #[serde(default = "default_replace_after")]
+    pub replace_after_secs: u64,
+    /// How much a replacement raises both fees, in percent (nodes want at least 10-12.5).
+    #[serde(default = "default_replacement_bump")]
+    pub replacement_bump_percent: u64,
+}
+
+fn default_replace_after() -> u64 {
+    60
+}
+
+fn default_replacement_bump() -> u64 {
+    15
 }
 
 fn default_fee_cap_wait() -> u64 {
@@ -401,6 +419,23 @@ impl Settings {
                     "must be a positive number of gwei",
                 ));
             }
+        }
+        if let Some(tip) = self.chain.priority_fee_gwei {
+            if !tip.is_finite() || tip < 0.0 {
+                return Err(invalid(
+                    "chain.priority_fee_gwei",
+                    "must be zero or a positive number of gwei",
+                ));
+            }
+        }
+        if !(13..=100).contains(&self.chain.replacement_bump_percent) {
+            return Err(invalid(
+                "chain.replacement_bump_percent",
+                "must be between 13 and 100 (nodes refuse replacements raised by less than 10-12.5 %)",
+            ));
+        }
+        if self.chain.replace_after_secs == 0 {
+            return Err(invalid("chain.replace_after_secs", "must be at least 1"));
         }
         if self.chain.poll_interval_ms == 0 {
             return Err(invalid("chain.poll_interval_ms", "must be at least 1"));

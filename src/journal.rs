@@ -47,6 +47,16 @@ pub struct TxRecord {
     pub hash: B256,
     /// The EIP-2718 encoding, re-broadcast as is.
     pub raw: Bytes,
+    /// Hashes of the earlier versions this one replaced (same nonce, lower fees), oldest
+    /// first: any of them may still be the one that lands.
+    pub replaced: Vec<B256>,
+}
+
+impl TxRecord {
+    /// Every version's hash, newest first.
+    pub fn hashes(&self) -> impl Iterator<Item = B256> + '_ {
+        std::iter::once(self.hash).chain(self.replaced.iter().rev().copied())
+    }
 }
 
 /// Everything known about one model's deployment.
@@ -137,6 +147,14 @@ impl Journal {
                 nonce: get("nonce")?.parse().map_err(|_| corrupt("nonce"))?,
                 hash: get("hash")?.parse().map_err(|_| corrupt("hash"))?,
                 raw: raw.parse().map_err(|_| corrupt("raw"))?,
+                replaced: match h.get(&format!("{p}_replaced")) {
+                    None => Vec::new(),
+                    Some(l) => l
+                        .split(',')
+                        .filter(|x| !x.is_empty())
+                        .map(|x| x.parse().map_err(|_| corrupt("replaced")))
+                        .collect::<Result<_, _>>()?,
+                },
             }))
         };
         Ok(Entry {
@@ -183,7 +201,8 @@ impl Journal {
         Ok(())
     }
 
-    /// Records a signed transaction; called before it is broadcast.
+    /// Records a signed transaction (or a replacement, with the hashes it replaced); called
+    /// before it is broadcast.
     pub async fn record_tx(
         &self,
         model_id: &str,
@@ -200,6 +219,14 @@ impl Journal {
             (format!("{p}_nonce"), rec.nonce.to_string()),
             (format!("{p}_hash"), rec.hash.to_string()),
             (format!("{p}_raw"), rec.raw.to_string()),
+            (
+                format!("{p}_replaced"),
+                rec.replaced
+                    .iter()
+                    .map(|h| h.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
         ];
         if let Some(a) = token_address {
             fields.push(("token_address".into(), a.to_string()));
@@ -214,7 +241,7 @@ impl Journal {
             return Ok(());
         }
         let p = step.label();
-        let mut fields: Vec<String> = ["signer", "nonce", "hash", "raw"]
+        let mut fields: Vec<String> = ["signer", "nonce", "hash", "raw", "replaced"]
             .iter()
             .map(|f| format!("{p}_{f}"))
             .collect();

@@ -331,6 +331,7 @@ async fn detailed(State(s): State<Arc<OpsState>>) -> Response {
             "signer": w.signer(),
             "paused": w.is_paused(),
             "in_flight": w.in_flight(),
+            "waiting_for_fees": w.waiting_for_fees(),
         })
     });
     let body = json!({
@@ -368,6 +369,7 @@ async fn metrics_text(State(s): State<Arc<OpsState>>) -> Response {
     tokio::join!(s.stats(), s.balance());
     if let Some(w) = &s.worker {
         metrics::gauge!(names::IN_FLIGHT).set(w.in_flight() as f64);
+        metrics::gauge!(names::FEE_WAITING).set(w.waiting_for_fees() as f64);
     }
     (
         [(

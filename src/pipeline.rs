@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn, Instrument};
 
 use crate::audit::{Audit, Fields};
-use crate::chain::{Call, Chain, ChainError, Mined, SendError};
+use crate::chain::{Call, Chain, ChainError, Mined, SendError, Stuck, Waited};
 use crate::config::{Secret, Settings};
 use crate::journal::{Entry, Journal, JournalError, Step, TxRecord};
 use crate::message::{
@@ -98,6 +98,7 @@ pub struct Deployer {
     rules: Rules,
     lock_seq: AtomicU64,
     audit: Audit,
+    status: Arc<WorkerStatus>,
 }
 
 /// A finished attempt: the event to publish, the model's token, and whether this attempt
@@ -118,7 +119,13 @@ pub enum Outcome {
 }
 
 impl Deployer {
-    pub fn new(settings: Settings, queues: Queues, journal: Journal, chain: Chain) -> Deployer {
+    pub fn new(
+        settings: Settings,
+        queues: Queues,
+        journal: Journal,
+        chain: Chain,
+        status: Arc<WorkerStatus>,
+    ) -> Deployer {
         let rules = Rules {
             max_message_bytes: settings.pipeline.max_message_bytes,
             min_improvement_percentage: settings.pipeline.min_improvement_percentage,
@@ -132,6 +139,7 @@ impl Deployer {
             chain,
             rules,
             lock_seq: AtomicU64::new(0),
+            status,
         }
     }
 
@@ -167,6 +175,7 @@ impl Deployer {
         async {
             let mut delays = self.backoff();
             let mut attempt: u32 = 0;
+            let mut fee_wait = FeeWait::new(&self.status);
             loop {
                 attempt += 1;
                 // Every line of an attempt carries all correlation fields (one span, flat).
@@ -184,6 +193,10 @@ impl Deployer {
                     .attempt(&msg, &first_attempt_at)
                     .instrument(attempt_span)
                     .await;
+                fee_wait.set(matches!(
+                    result,
+                    Err(AttemptError::Chain(ChainError::FeeAboveCap { .. }))
+                ));
                 match result {
                     Ok(Done { event, token, created }) => {
                         let outcome = self.publish(raw, &event, shutdown).await;
@@ -558,7 +571,7 @@ impl Deployer {
     ) -> Result<TxRecord, AttemptError> {
         let message_id = entry.message_id.clone().unwrap_or_default();
         if let Some(rec) = entry.tx(step).cloned() {
-            if self.chain.receipt(rec.hash).await?.is_some() {
+            if self.chain.landed(&rec).await?.is_some() {
                 return Ok(rec);
             }
             if self.chain.can_still_land(&rec).await? {
@@ -610,8 +623,9 @@ impl Deployer {
         Ok(rec)
     }
 
-    /// Waits for a sent transaction's receipt. A revert is final: the journal forgets the
-    /// transaction so that the next attempt starts this step over.
+    /// Waits for a sent transaction's receipt, replacing it with higher fees while it is stuck
+    /// (each version journaled before broadcast; whichever lands counts). A revert is final:
+    /// the journal forgets the transaction so that the next attempt starts this step over.
     async fn mined(
         &self,
         message_id: &str,
@@ -619,26 +633,78 @@ impl Deployer {
         step: Step,
         rec: &TxRecord,
     ) -> Result<Mined, AttemptError> {
-        match self.chain.wait_mined(rec).await {
-            Ok(m) => {
-                let fee_gwei =
-                    (u128::from(m.gas_used) * m.effective_gas_price / 1_000_000_000) as u64;
-                metrics::counter!(names::GAS_USED, "step" => step.label()).increment(m.gas_used);
-                metrics::counter!(names::FEES_PAID, "step" => step.label()).increment(fee_gwei);
-                let extra = [
-                    ("block_number", m.block_number.to_string()),
-                    ("gas_used", m.gas_used.to_string()),
-                    ("effective_gas_price", m.effective_gas_price.to_string()),
-                ];
-                self.audit_tx(message_id, "tx_mined", model_id, step, rec, extra)
-                    .await;
-                Ok(m)
+        let deadline = self.chain.receipt_deadline();
+        let mut rec = rec.clone();
+        let mut capped = false;
+        loop {
+            let replace_at = Instant::now() + self.chain.replace_after;
+            match self.chain.wait_mined(&rec, deadline, replace_at).await {
+                Ok(Waited::Mined(m)) => {
+                    let fee_gwei =
+                        (u128::from(m.gas_used) * m.effective_gas_price / 1_000_000_000) as u64;
+                    metrics::counter!(names::GAS_USED, "step" => step.label())
+                        .increment(m.gas_used);
+                    metrics::counter!(names::FEES_PAID, "step" => step.label()).increment(fee_gwei);
+                    let extra = [
+                        ("block_number", m.block_number.to_string()),
+                        ("gas_used", m.gas_used.to_string()),
+                        ("effective_gas_price", m.effective_gas_price.to_string()),
+                        ("landed_hash", m.hash.to_string()),
+                    ];
+                    self.audit_tx(message_id, "tx_mined", model_id, step, &rec, extra)
+                        .await;
+                    return Ok(m);
+                }
+                Ok(Waited::Replace(why)) => {
+                    let journal = &self.journal;
+                    let replaced = self
+                        .chain
+                        .replace(&rec, |new| async move {
+                            journal.record_tx(model_id, step, &new, None).await?;
+                            Ok::<_, JournalError>(new)
+                        })
+                        .await;
+                    match replaced {
+                        Ok(Some(new)) => {
+                            warn!(step = ?step, reason = why.label(), old = %rec.hash, hash = %new.hash, nonce = new.nonce, "stuck transaction replaced with higher fees");
+                            metrics::counter!(names::REPLACEMENTS, "step" => step.label(), "reason" => why.label())
+                                .increment(1);
+                            let extra = [
+                                ("reason", why.label().to_owned()),
+                                ("replaces", rec.hash.to_string()),
+                            ];
+                            self.audit_tx(message_id, "tx_replaced", model_id, step, &new, extra)
+                                .await;
+                            capped = false;
+                            rec = new;
+                        }
+                        Ok(None) => {
+                            if !capped {
+                                warn!(step = ?step, hash = %rec.hash, "stuck transaction cannot be replaced: the fee cap leaves no room to raise its fees; waiting");
+                                metrics::counter!(names::REPLACEMENTS, "step" => step.label(), "reason" => "capped")
+                                    .increment(1);
+                                capped = true;
+                            }
+                            if why == Stuck::Dropped {
+                                // Nothing to do until fees fall; don't ask every block.
+                                tokio::time::sleep(
+                                    self.chain.replace_after.min(Duration::from_secs(10)),
+                                )
+                                .await;
+                            }
+                        }
+                        Err(SendError::Journal(e)) => return Err(e.into()),
+                        Err(SendError::Chain(e)) => {
+                            warn!(error = %e, step = ?step, hash = %rec.hash, "replacing a stuck transaction failed; waiting on")
+                        }
+                    }
+                }
+                Err(e @ ChainError::Reverted { .. }) => {
+                    self.journal.clear_tx(model_id, step).await?;
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e @ ChainError::Reverted { .. }) => {
-                self.journal.clear_tx(model_id, step).await?;
-                Err(e.into())
-            }
-            Err(e) => Err(e.into()),
         }
     }
 
@@ -710,6 +776,7 @@ pub struct WorkerStatus {
     phase: std::sync::Mutex<&'static str>,
     paused: std::sync::atomic::AtomicBool,
     in_flight: std::sync::atomic::AtomicUsize,
+    fee_waiting: std::sync::atomic::AtomicUsize,
     worker_id: std::sync::OnceLock<String>,
     signer: std::sync::OnceLock<String>,
 }
@@ -733,6 +800,10 @@ impl WorkerStatus {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }
+    /// Messages held back because fees are above the cap.
+    pub fn waiting_for_fees(&self) -> usize {
+        self.fee_waiting.load(Ordering::Relaxed)
+    }
     pub fn worker_id(&self) -> &str {
         self.worker_id.get().map(String::as_str).unwrap_or("")
     }
@@ -742,6 +813,39 @@ impl WorkerStatus {
 }
 
 /// Options of a worker run that do not come from configuration.
+/// Counts a message in [`WorkerStatus::waiting_for_fees`] while its last attempt found fees
+/// above the cap, and no longer once it ends whichever way.
+struct FeeWait<'a> {
+    status: &'a WorkerStatus,
+    counted: bool,
+}
+
+impl<'a> FeeWait<'a> {
+    fn new(status: &'a WorkerStatus) -> Self {
+        FeeWait {
+            status,
+            counted: false,
+        }
+    }
+
+    fn set(&mut self, waiting: bool) {
+        if waiting != self.counted {
+            if waiting {
+                self.status.fee_waiting.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.status.fee_waiting.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.counted = waiting;
+        }
+    }
+}
+
+impl Drop for FeeWait<'_> {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     /// Off only in the test that shows the journal is what prevents double deployments.
@@ -865,6 +969,7 @@ pub async fn run(
         queues.clone(),
         journal,
         chain,
+        status.clone(),
     ));
 
     loop {

@@ -50,6 +50,9 @@ pub mod names {
     pub const REDIS_DURATION: &str = "hokusai_redis_command_duration_seconds";
     pub const AUDIT_WRITE_FAILURES: &str = "hokusai_audit_write_failures_total";
     pub const BALANCE: &str = "hokusai_deployer_balance_eth";
+    pub const BASE_FEE: &str = "hokusai_base_fee_gwei";
+    pub const REPLACEMENTS: &str = "hokusai_tx_replacements_total";
+    pub const FEE_WAITING: &str = "hokusai_messages_waiting_for_fees";
 }
 
 static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
@@ -147,6 +150,18 @@ fn describe() {
     describe_gauge!(
         BALANCE,
         "Balance of this process's deployer key in ether, read at each scrape."
+    );
+    describe_gauge!(
+        BASE_FEE,
+        "The network's base fee per gas in gwei (the gas price on legacy chains), as last read for signing."
+    );
+    describe_counter!(
+        REPLACEMENTS,
+        "Stuck transactions by step and reason: slow and dropped were replaced with higher fees, capped could not be (the fee cap leaves no room)."
+    );
+    describe_gauge!(
+        FEE_WAITING,
+        "Messages of this process held back because network fees are above chain.max_fee_per_gas_gwei."
     );
     describe_counter!(
         AUDIT_WRITE_FAILURES,

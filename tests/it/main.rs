@@ -5,6 +5,7 @@ mod abi;
 mod cli;
 mod contracts;
 mod crash;
+mod fees;
 mod harness;
 mod ops;
 mod pipeline;
