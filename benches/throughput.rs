@@ -4,10 +4,12 @@
 //! (`hokusai-deployer run`) as a child process, pushes N messages at once and prints:
 //! deployments per hour, the chain's ceiling for the same run (block gas limit / measured gas
 //! per model x blocks per hour) and our share of it, p50/p95/p99 from push to event, and the
-//! daemon's peak RSS and CPU seconds. `BENCH_N` (default 1000) and `BENCH_CONCURRENCY`
-//! (default 64) change the run. Under `cargo test` it does nothing.
+//! daemon's peak RSS and CPU seconds. `BENCH_N` (default 1000), `BENCH_CONCURRENCY`
+//! (default 64) and `BENCH_RATE` change the run, `HOKUSAI__*` variables the daemon's
+//! configuration. Under `cargo test` it does nothing.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use alloy::providers::Provider;
@@ -54,6 +56,59 @@ fn usage(pid: u32) -> (u64, f64) {
     };
     // utime and stime are fields 14 and 15 of stat (11 and 12 after the name), in clock ticks.
     (hwm, (ticks(11) + ticks(12)) / 100.0)
+}
+
+const QUEUE: &str = "hokusai:model_ready_queue";
+
+/// Reads events until `expect` models of `pushed` have one: (seconds from its push, gas of
+/// deployment plus registration) per model.
+async fn collect(
+    client: &Client,
+    pushed: &Mutex<HashMap<String, Instant>>,
+    expect: usize,
+) -> anyhow::Result<Vec<(f64, u64)>> {
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        if out.len() >= expect {
+            return Ok(out);
+        }
+        let got: Option<(String, String)> = client
+            .brpop("hokusai:token_deployed_queue", 2.0)
+            .await
+            .or_else(|e| {
+                if *e.kind() == fred::error::ErrorKind::Timeout {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            })?;
+        let Some((_, event)) = got else {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(3600),
+                "stalled at {} events",
+                out.len()
+            );
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_str(&event)?;
+        let model = v["model_id"].as_str().unwrap_or_default().to_owned();
+        let Some(t) = pushed.lock().unwrap().get(&model).copied() else {
+            continue;
+        };
+        if seen.insert(model) {
+            let g = |k: &str| {
+                v[k].as_str()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            out.push((
+                t.elapsed().as_secs_f64(),
+                g("gas_used") + g("registry_gas_used"),
+            ));
+        }
+    }
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -103,6 +158,8 @@ async fn main() -> anyhow::Result<()> {
         ("HOKUSAI__LOG__LEVEL".into(), "info".into()),
         ("HOKUSAI__LOG__FORMAT".into(), "json".into()),
     ]);
+    // Any HOKUSAI__* variable of the bench's own environment tunes the daemon further.
+    env.extend(std::env::vars().filter(|(k, _)| k.starts_with("HOKUSAI__")));
     let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_hokusai-deployer"))
         .arg("run")
         .env_clear()
@@ -120,43 +177,15 @@ async fn main() -> anyhow::Result<()> {
     let provider = chain::provider(&settings)?;
     let first_block = provider.get_block_number().await?;
 
+    // Phase 1, throughput: all N pushed at once, the chain as the only limit.
     let messages: Vec<String> = (0..n).map(message).collect();
     let pushed = Instant::now();
-    let _: u64 = client.lpush("hokusai:model_ready_queue", messages).await?;
-    let mut latency = Vec::with_capacity(n);
-    let mut gas_per_model = Vec::with_capacity(n);
-    let mut seen: HashMap<String, ()> = HashMap::new();
-    while seen.len() < n {
-        let got: Option<(String, String)> = client
-            .brpop("hokusai:token_deployed_queue", 2.0)
-            .await
-            .or_else(|e| {
-                if *e.kind() == fred::error::ErrorKind::Timeout {
-                    Ok(None)
-                } else {
-                    Err(e)
-                }
-            })?;
-        let Some((_, event)) = got else {
-            anyhow::ensure!(
-                pushed.elapsed() < Duration::from_secs(3600),
-                "stalled at {} of {n}",
-                seen.len()
-            );
-            continue;
-        };
-        let v: serde_json::Value = serde_json::from_str(&event)?;
-        let model = v["model_id"].as_str().unwrap_or_default().to_owned();
-        if seen.insert(model, ()).is_none() {
-            latency.push(pushed.elapsed().as_secs_f64());
-            let g = |k: &str| {
-                v[k].as_str()
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            gas_per_model.push(g("gas_used") + g("registry_gas_used"));
-        }
+    let mut at: HashMap<String, Instant> = HashMap::new();
+    for i in 0..n {
+        at.insert(format!("bench_{i}"), pushed);
     }
+    let _: u64 = client.lpush(QUEUE, messages).await?;
+    let burst = collect(&client, &Mutex::new(at), n).await?;
     let elapsed = pushed.elapsed().as_secs_f64();
     let last_block = provider.get_block_number().await?;
     let block = provider
@@ -164,34 +193,74 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .expect("head block");
     let gas_limit = block.header.gas_limit as f64;
+    let (_, burst_cpu) = usage(pid);
+
+    let gas: Vec<u64> = burst.iter().map(|(_, g)| *g).collect();
+    let mean_gas = gas.iter().sum::<u64>() as f64 / gas.len() as f64;
+    let per_hour = n as f64 / elapsed * 3600.0;
+    let blocks = (last_block - first_block).max(1) as f64;
+    let blocks_per_hour = blocks / elapsed * 3600.0;
+    let per_block = (gas_limit / mean_gas).floor();
+    let ceiling = per_block * blocks_per_hour;
+    let mut burst_latency: Vec<f64> = burst.iter().map(|(l, _)| *l).collect();
+    burst_latency.sort_by(f64::total_cmp);
+
+    // Phase 2, latency: N more pushed one by one at a steady rate under the ceiling
+    // (`BENCH_RATE` per second, default half the ceiling), each timed from its own push.
+    let rate = std::env::var("BENCH_RATE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(ceiling / 3600.0 / 2.0);
+    let at = std::sync::Arc::new(Mutex::new(HashMap::new()));
+    let pusher = {
+        let (client, at) = (client.clone(), at.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            for i in n..2 * n {
+                tick.tick().await;
+                at.lock()
+                    .unwrap()
+                    .insert(format!("bench_{i}"), Instant::now());
+                let _: u64 = client.lpush(QUEUE, message(i)).await.expect("lpush");
+            }
+        })
+    };
+    let paced = collect(&client, &at, n).await?;
+    pusher.await?;
+    let mut paced_latency: Vec<f64> = paced.iter().map(|(l, _)| *l).collect();
+    paced_latency.sort_by(f64::total_cmp);
+
     let (rss, cpu) = usage(pid);
     let _ = daemon.kill().await;
     let dlq: u64 = client.llen("hokusai:model_ready_queue:dlq").await?;
 
-    latency.sort_by(f64::total_cmp);
-    let mean_gas = gas_per_model.iter().sum::<u64>() as f64 / gas_per_model.len() as f64;
-    let per_hour = n as f64 / elapsed * 3600.0;
-    let blocks = (last_block - first_block).max(1) as f64;
-    let blocks_per_hour = blocks / elapsed * 3600.0;
-    let ceiling = (gas_limit / mean_gas).floor() * blocks_per_hour;
-    println!("messages               {n} (concurrency {concurrency}, anvil --block-time 1)");
+    println!("messages               {n} at once, then {n} at {rate:.1}/s (concurrency {concurrency}, anvil --block-time 1)");
     println!("dead-lettered          {dlq}");
-    println!("wall time              {elapsed:.1} s over {blocks} blocks");
+    println!("burst wall time        {elapsed:.1} s over {blocks} blocks");
     println!("deployments per hour   {per_hour:.0}");
     println!("gas per model          {mean_gas:.0} (block gas limit {gas_limit:.0})");
     println!(
-        "chain ceiling          {ceiling:.0} per hour ({:.0} models per block x {blocks_per_hour:.0} blocks per hour)",
-        (gas_limit / mean_gas).floor()
+        "chain ceiling          {ceiling:.0} per hour ({per_block:.0} models per block x {blocks_per_hour:.0} blocks per hour)"
     );
     println!("share of the ceiling   {:.1} %", per_hour / ceiling * 100.0);
     println!(
-        "push -> event          p50 {:.1} s  p95 {:.1} s  p99 {:.1} s",
-        pct(&latency, 0.5),
-        pct(&latency, 0.95),
-        pct(&latency, 0.99)
+        "burst push -> event    p50 {:.1} s  p95 {:.1} s  p99 {:.1} s (queueing behind the burst)",
+        pct(&burst_latency, 0.5),
+        pct(&burst_latency, 0.95),
+        pct(&burst_latency, 0.99)
+    );
+    println!(
+        "paced push -> event    p50 {:.2} s  p95 {:.2} s  p99 {:.2} s  max {:.2} s",
+        pct(&paced_latency, 0.5),
+        pct(&paced_latency, 0.95),
+        pct(&paced_latency, 0.99),
+        paced_latency.last().copied().unwrap_or_default()
     );
     println!("daemon peak RSS        {:.1} MiB", rss as f64 / 1048576.0);
-    println!("daemon CPU             {cpu:.1} s");
+    println!(
+        "daemon CPU             {cpu:.1} s ({burst_cpu:.1} s in the burst: {:.2} ms per deployment)",
+        burst_cpu * 1000.0 / n as f64
+    );
     let _ = client.quit().await;
     Ok(())
 }

@@ -326,8 +326,8 @@ impl Stuck {
     }
 }
 
-/// The node is asked whether it still holds an unmined transaction once per new block after
-/// the first, and no more often than this.
+/// The node is asked whether it still holds an unmined transaction once per new block (after
+/// the one current when the wait began), and no more often than this.
 const POOL_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// A transaction to sign: a contract creation or a call.
@@ -566,7 +566,7 @@ impl Chain {
 
     /// Waits for a receipt of any version of a transaction and the configured confirmations,
     /// until `deadline` (then [`ChainError::NotMined`]); a revert is an error. Receipts are
-    /// looked up once per new block. From the second block on, a transaction the node no
+    /// looked up twice per new block. From the second block on, a transaction the node no
     /// longer holds is re-broadcast with its exact bytes, so its nonce never stays a gap that
     /// stalls every later transaction of the signer; when the node refuses it back (priced
     /// under the base fee), or at `replace_at`, the caller is told to replace it.
@@ -576,14 +576,22 @@ impl Chain {
         deadline: Instant,
         replace_at: Instant,
     ) -> Result<Waited, ChainError> {
-        let mut checked_at: Option<u64> = None;
+        // (head, lookups at it): a receipt is looked up when a block appears and once more a
+        // poll later, for nodes that announce a block before its receipts can be read.
+        let mut checked: Option<(u64, u8)> = None;
         let mut heads = 0u32;
         let mut pool_checked = Instant::now();
         loop {
             let head = self.head().await?;
-            if checked_at != Some(head) {
-                checked_at = Some(head);
-                heads += 1;
+            let lookups = match checked {
+                Some((h, n)) if h == head => n,
+                _ => 0,
+            };
+            if lookups < 2 {
+                if lookups == 0 {
+                    heads += 1;
+                }
+                checked = Some((head, lookups + 1));
                 if let Some(r) = self.landed(rec).await? {
                     let block = r.block_number.unwrap_or_default();
                     if !r.status() {
@@ -603,7 +611,7 @@ impl Chain {
                     }
                 } else if Instant::now() >= replace_at {
                     return Ok(Waited::Replace(Stuck::Slow));
-                } else if heads > 2 && pool_checked.elapsed() >= POOL_CHECK_EVERY {
+                } else if heads > 1 && pool_checked.elapsed() >= POOL_CHECK_EVERY {
                     pool_checked = Instant::now();
                     if !self.known(rec).await? {
                         tracing::warn!(hash = %rec.hash, nonce = rec.nonce, "transaction missing from the node's pool; re-broadcasting it");
