@@ -6,11 +6,22 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: tools redis-server promtool node-tools abi abi-check test run-local lint fmt clean
+.PHONY: tools redis-server promtool node-tools pytools abi abi-check test run-local lint fmt clean
 
 ## Install what the tests and the local stack need, when missing: redis-server and promtool
-## (Debian), and the pinned npm toolchain in contracts/ (solcjs, OpenZeppelin, anvil, cast).
-tools: redis-server promtool node-tools
+## (Debian), the pinned npm toolchain in contracts/ (solcjs, OpenZeppelin, anvil, cast), and
+## the pinned Python tools in .tools/venv (MLflow, schemathesis).
+tools: redis-server promtool node-tools pytools
+
+PYTHON ?= python3
+
+pytools: .tools/venv/.installed
+
+.tools/venv/.installed: tests/requirements.txt
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 && $(PYTHON) -c 'import ensurepip' 2>/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv >/dev/null; }
+	$(PYTHON) -m venv .tools/venv
+	.tools/venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	touch $@
 
 redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }

@@ -44,6 +44,9 @@ pub enum Command {
         #[arg(long, hide = true)]
         unsafe_no_journal: bool,
     },
+    /// Serve the HTTP deployment API (port `api.port`, 3001) with /health and /metrics; the
+    /// workers (`run`) do the deployments it queues, so the two scale apart.
+    Api,
     /// Manage the on-chain contracts.
     Contracts {
         #[command(subcommand)]
@@ -200,6 +203,19 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             let r = pipeline::run(settings.clone(), settings.private_keys()?, opts, shutdown).await;
             ops.stop().await;
             r
+        }
+        Command::Api => {
+            let settings = load(&cli)?;
+            telemetry::init(&settings.log);
+            settings.contract_addresses()?;
+            let metrics = telemetry::install_metrics()?;
+            let ops_state = ops::OpsState::new(&settings, Some(metrics), None)?;
+            let state = crate::api::ApiState::new(&settings).await?;
+            let listener = crate::api::bind(&settings).await?;
+            tracing::info!(addr = %listener.local_addr()?, "API listening (/api/deployments, /api/openapi.json, /health, /metrics)");
+            crate::api::serve(listener, state, ops_state.clone(), shutdown).await?;
+            ops_state.close().await;
+            Ok(())
         }
         Command::Contracts {
             command: ContractsCommand::Deploy { registrar },

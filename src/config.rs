@@ -33,10 +33,15 @@ const SEED_ALIASES: &[(&str, &str)] = &[
     ("OUTBOUND_QUEUE", "queues.outbound"),
     ("DLQ_NAME", "queues.dlq"),
     ("PROCESSING_QUEUE", "queues.processing"),
+    // Seeds 002 and 003: the API's port and secrets as the ECS task passes them.
+    ("PORT", "api.port"),
+    ("JWT_SECRET", "api.jwt.secret"),
+    ("API_KEYS", "api.api_keys"),
+    ("MLFLOW_TRACKING_URI", "api.mlflow.url"),
 ];
 
 /// Keys that hold lists; their environment values are comma separated.
-const LIST_KEYS: &[&str] = &["chain.rpc_urls"];
+const LIST_KEYS: &[&str] = &["chain.rpc_urls", "api.cors_origins", "api.jwt.algorithms"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -245,8 +250,90 @@ pub struct Settings {
     pub pipeline: PipelineSettings,
     pub log: LogSettings,
     pub ops: OpsSettings,
+    pub api: ApiSettings,
     #[serde(default)]
     pub networks: BTreeMap<String, Network>,
+}
+
+/// The HTTP deployment API (`hokusai-deployer api`, or `run --api` beside a worker).
+#[derive(Clone, Deserialize, Serialize)]
+pub struct ApiSettings {
+    pub bind: String,
+    /// 3001 as seeds 002 and 003 have it (`PORT`); 0 picks a free one.
+    pub port: u16,
+    /// Base of `status_url` in answers (`https://contracts.hokus.ai`); empty: a relative URL.
+    pub public_url: String,
+    /// A request taking longer is answered 503 `TIMEOUT`.
+    pub request_timeout_ms: u64,
+    /// Larger bodies are refused with 413.
+    pub max_body_bytes: usize,
+    /// Origins allowed by CORS; empty allows none (the front end's server calls us).
+    pub cors_origins: Vec<String>,
+    /// Static keys for service-to-service calls (`X-API-Key`), comma separated.
+    pub api_keys: Option<Secret>,
+    /// How long a deployment's record and status are kept.
+    pub deployment_ttl_days: u64,
+    pub jwt: JwtSettings,
+    pub limits: LimitSettings,
+    pub mlflow: MlflowSettings,
+}
+
+#[derive(Clone, Deserialize, Serialize)]
+pub struct JwtSettings {
+    /// Accepted algorithms: any of HS256, HS384, HS512 (with `secret`) and RS256, RS384, RS512,
+    /// ES256, ES384, PS256 (with `public_key_file`). A token naming any other, or `none`, is
+    /// refused, as is one whose algorithm does not match the configured key's kind.
+    pub algorithms: Vec<String>,
+    pub secret: Option<Secret>,
+    /// PEM public key for the asymmetric algorithms.
+    pub public_key_file: Option<PathBuf>,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Required `aud`, when set.
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct LimitSettings {
+    /// Deployments one user may request per rolling hour and day (seed 000: 5 and 20).
+    pub per_hour: u32,
+    pub per_day: u32,
+    /// Overrides by the token's `tier` claim.
+    #[serde(default)]
+    pub tiers: BTreeMap<String, TierLimits>,
+    /// Circuit breaker: deployments accepted from all users per hour; beyond it every request
+    /// is refused with `SERVICE_UNAVAILABLE` until the hour rolls on.
+    pub global_per_hour: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct TierLimits {
+    pub per_hour: u32,
+    pub per_day: u32,
+}
+
+/// Where models come from: an MLflow tracking server's REST API, and which registered-model
+/// tags carry the deployer's facts.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct MlflowSettings {
+    #[serde(serialize_with = "ser_masked_url")]
+    pub url: String,
+    pub timeout_ms: u64,
+    /// Tag whose value `true` means validated.
+    pub validated_tag: String,
+    /// Tag holding when the model was validated (RFC 3339).
+    pub validated_at_tag: String,
+    /// Tag holding the owner's user id (the JWT's `sub`).
+    pub owner_tag: String,
+    /// Tag holding contributors' Ethereum addresses, comma separated.
+    pub contributors_tag: String,
+    /// Tag holding the MLflow run whose metrics prove the improvement; else the latest
+    /// version's run.
+    pub run_tag: String,
+    /// Tag naming the metric; its `baseline_<metric>` and `<metric>` values are read from the run.
+    pub metric_tag: String,
 }
 
 /// `Debug` for settings that hold URLs or secrets goes through the masking serializer.
@@ -262,7 +349,13 @@ macro_rules! debug_via_serialize {
         }
     )*};
 }
-debug_via_serialize!(RedisSettings, ChainSettings, Settings);
+debug_via_serialize!(
+    RedisSettings,
+    ChainSettings,
+    Settings,
+    ApiSettings,
+    JwtSettings
+);
 
 fn ser_masked_url<S: serde::Serializer>(u: &str, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&mask_url(u))
@@ -505,6 +598,22 @@ impl Settings {
 
     pub fn rpc_timeout(&self) -> Duration {
         Duration::from_millis(self.chain.rpc_timeout_ms)
+    }
+
+    /// `api.api_keys` as a list (comma separated in one secret).
+    pub fn api_keys(&self) -> Vec<Secret> {
+        self.api
+            .api_keys
+            .as_ref()
+            .map(|k| {
+                k.expose()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .map(|k| Secret::new(k.to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Name and explorer of a chain; unknown chains are named after their id, never refused.

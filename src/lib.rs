@@ -8,13 +8,17 @@
 //! anvil for the quick start and the tests; [`cli`] is the command line.
 
 pub mod admin;
+pub mod api;
 pub mod audit;
+pub mod auth;
 pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod journal;
+pub mod limits;
 pub mod localstack;
 pub mod message;
+pub mod mlflow;
 pub mod ops;
 pub mod pipeline;
 pub mod queue;

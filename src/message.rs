@@ -543,6 +543,9 @@ pub struct TokenDeployed {
     pub chain_id: u64,
     pub registry_block_number: u64,
     pub registry_gas_used: String,
+    /// The registration's effective gas price (wei); absent in events written before it existed.
+    #[serde(default)]
+    pub registry_gas_price: String,
 }
 
 /// A message that could not be deployed, as stored in the DLQ.

@@ -333,7 +333,10 @@ impl Deployer {
             .expect("DeploymentFailed always serializes");
         let code = letter.error.code.clone();
         let r = self
-            .redis_until_done(shutdown, || self.queues.dead_letter(raw, &entry, &failure))
+            .redis_until_done(shutdown, || {
+                self.queues
+                    .dead_letter(raw, &letter.message_id, &entry, &failure)
+            })
             .await;
         match r {
             Some(()) => {
@@ -765,6 +768,9 @@ impl Deployer {
             registry_block_number: registered.map(|r| r.block_number).unwrap_or_default(),
             registry_gas_used: registered
                 .map(|r| r.gas_used.to_string())
+                .unwrap_or_default(),
+            registry_gas_price: registered
+                .map(|r| r.effective_gas_price.to_string())
                 .unwrap_or_default(),
         }
     }

@@ -275,15 +275,28 @@ impl Queues {
     }
 
     /// Dead-letters the message and emits its failure event in one transaction.
+    /// Dead-letters a message in one `MULTI`: the DLQ entry, the failure event, the message's
+    /// outcome (read by the API's status endpoint, kept [`OUTCOME_TTL_SECS`]) and the removal
+    /// from our processing list.
     pub async fn dead_letter(
         &self,
         raw: &[u8],
+        message_id: &str,
         entry: &str,
         failure_event: &str,
     ) -> Result<(), QueueError> {
         let tx = self.redis.commands.multi();
         let _: () = tx.lpush(&self.dlq, entry).await?;
         let _: () = tx.lpush(&self.failures, failure_event).await?;
+        let _: () = tx
+            .set(
+                outcome_key(&self.state_prefix, message_id),
+                failure_event,
+                Some(fred::types::Expiration::EX(OUTCOME_TTL_SECS)),
+                None,
+                false,
+            )
+            .await?;
         let _: () = tx.lrem(&self.processing, 1, raw).await?;
         timed("dead_letter", tx.exec::<Value>(true)).await?;
         Ok(())
@@ -451,6 +464,14 @@ pub fn workers_key(state_prefix: &str) -> String {
 /// The heartbeat key of a worker; the lock script reads `<state_prefix>:heartbeat:<worker>`.
 pub fn heartbeat_key(state_prefix: &str, worker: &str) -> String {
     format!("{state_prefix}:heartbeat:{worker}")
+}
+
+/// How long a dead-lettered message's outcome stays readable by message id.
+pub const OUTCOME_TTL_SECS: i64 = 30 * 86_400;
+
+/// The `deployment_failed` event of a dead-lettered message, by message id.
+pub fn outcome_key(state_prefix: &str, message_id: &str) -> String {
+    format!("{state_prefix}:outcome:{message_id}")
 }
 
 pub fn pause_key(state_prefix: &str) -> String {

@@ -114,6 +114,31 @@ impl Stack {
         extra_args: &[&str],
         pid1: bool,
     ) -> Daemon {
+        self.spawn("run", "HOKUSAI__OPS", name, extra_env, extra_args, pid1)
+    }
+
+    /// Starts `hokusai-deployer api` on a free port; its `ops_port` is the API's port (which
+    /// serves `/health` too). The API reads models from `mlflow`.
+    pub fn api(&self, name: &str, mlflow: &str, extra_env: &[(&str, &str)]) -> Daemon {
+        let mut env: Vec<(&str, &str)> = vec![
+            ("HOKUSAI__API__MLFLOW__URL", mlflow),
+            ("HOKUSAI__API__JWT__SECRET", crate::api::JWT_SECRET),
+            ("HOKUSAI__API__JWT__AUDIENCE", "hokusai-deployer"),
+            ("HOKUSAI__API__JWT__ISSUER", "https://hokus.ai"),
+        ];
+        env.extend_from_slice(extra_env);
+        self.spawn("api", "HOKUSAI__API", name, &env, &[], false)
+    }
+
+    fn spawn(
+        &self,
+        subcommand: &str,
+        port_section: &str,
+        name: &str,
+        extra_env: &[(&str, &str)],
+        extra_args: &[&str],
+        pid1: bool,
+    ) -> Daemon {
         let ops_port = localstack::free_port();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -128,14 +153,14 @@ impl Stack {
         } else {
             tokio::process::Command::new(bin)
         };
-        cmd.arg("run")
+        cmd.arg(subcommand)
             .args(extra_args)
             .env_clear()
             .envs(self.env(extra_env))
             .env("HOKUSAI__LOG__FORMAT", "json")
             .env("HOKUSAI__LOG__LEVEL", "info")
-            .env("HOKUSAI__OPS__PORT", ops_port.to_string())
-            .env("HOKUSAI__OPS__BIND", "127.0.0.1")
+            .env(format!("{port_section}__PORT"), ops_port.to_string())
+            .env(format!("{port_section}__BIND"), "127.0.0.1")
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .kill_on_drop(true);

@@ -2,6 +2,7 @@
 //! One test binary: alloy links once, and every module shares the harness.
 
 mod abi;
+mod api;
 mod cli;
 mod contracts;
 mod crash;

@@ -1,0 +1,657 @@
+//! The HTTP deployment API against real Redis, anvil and an MLflow tracking server (PyPI
+//! `mlflow`, installed by `make pytools`; one server per test binary, a fresh model per test):
+//! the whole flow from POST to `completed`, every error code from a real condition, exact
+//! rate limits across two API processes, and schemathesis against `docs/openapi.json`.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+use hokusai_deployer::chain::ModelRegistry;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tokio::sync::OnceCell;
+
+use crate::harness::{Daemon, Stack};
+
+/// The HS256 secret the test API processes are configured with.
+pub const JWT_SECRET: &str = "test-secret-0123456789-0123456789-abcdef";
+const OWNER: &str = "user-1";
+const OWNER_ADDRESS: &str = "0x742d35Cc6634C0532925a3b844Bc9e7595f82b3d";
+const CONTRIBUTOR: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
+/// anvil's third development key: funded, but not a registrar of the test registry.
+const NOT_REGISTRAR_KEY: &str =
+    "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
+
+static MLFLOW: OnceCell<String> = OnceCell::const_new();
+
+/// The test binary's MLflow server: started once, in its own process group, which a watcher
+/// kills when this process is gone.
+async fn mlflow() -> &'static str {
+    MLFLOW
+        .get_or_init(|| async {
+            let bin = std::env::var("HOKUSAI_TEST_MLFLOW").unwrap_or_else(|_| {
+                concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/venv/bin/mlflow").into()
+            });
+            assert!(
+                std::path::Path::new(&bin).exists(),
+                "{bin} is missing: run `make pytools`"
+            );
+            let dir = tempfile::tempdir().expect("temp dir").keep();
+            let port = hokusai_deployer::localstack::free_port();
+            let script = format!(
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false '{bin}' server --host 127.0.0.1 --port {port} \
+                 --backend-store-uri 'sqlite:///{d}/mlflow.db' --default-artifact-root '{d}/artifacts' \
+                 --workers 1 >'{d}/log' 2>&1 & \
+                 while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill -TERM -$$",
+                d = dir.display(),
+                parent = std::process::id(),
+            );
+            // Never waited for: it outlives this test and ends with the test process.
+            #[allow(clippy::zombie_processes)]
+            std::process::Command::new("setsid")
+                .args(["sh", "-c", &script])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("setsid and sh exist");
+            let url = format!("http://127.0.0.1:{port}");
+            let deadline = std::time::Instant::now() + Duration::from_secs(90);
+            loop {
+                if let Ok(r) = reqwest::get(format!("{url}/health")).await {
+                    if r.status().is_success() {
+                        break;
+                    }
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "mlflow did not start; see {}/log",
+                    dir.display()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            url
+        })
+        .await
+}
+
+async fn ml_post(path: &str, body: Value) -> Value {
+    let url = format!("{}/api/2.0/mlflow/{path}", mlflow().await);
+    let r = reqwest::Client::new()
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let status = r.status();
+    let v: Value = r.json().await.expect("mlflow answers JSON");
+    assert!(status.is_success(), "POST {path}: {status} {v}");
+    v
+}
+
+/// A registered model with its run (accuracy 0.884 over a baseline of 0.854) and the tags
+/// of docs/api.md. Returns the model id.
+async fn seed_model(name: &str, validated: bool) -> String {
+    let exp = ml_post(
+        "experiments/create",
+        json!({ "name": format!("exp-{name}") }),
+    )
+    .await["experiment_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let run = ml_post("runs/create", json!({ "experiment_id": exp })).await["run"]["info"]
+        ["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let now = chrono::Utc::now().timestamp_millis();
+    ml_post(
+        "runs/log-batch",
+        json!({ "run_id": run, "metrics": [
+            { "key": "accuracy", "value": 0.884, "timestamp": now, "step": 0 },
+            { "key": "baseline_accuracy", "value": 0.854, "timestamp": now, "step": 0 },
+        ]}),
+    )
+    .await;
+    let tag = |k: &str, v: &str| json!({ "key": k, "value": v });
+    ml_post(
+        "registered-models/create",
+        json!({ "name": name, "tags": [
+            tag("hokusai.validated", if validated { "true" } else { "false" }),
+            tag("hokusai.validated_at", "2026-11-20T10:00:00Z"),
+            tag("hokusai.owner_user_id", OWNER),
+            tag("hokusai.contributors", &format!("{OWNER_ADDRESS},{CONTRIBUTOR}")),
+            tag("hokusai.mlflow_run_id", &run),
+            tag("hokusai.metric_name", "accuracy"),
+        ]}),
+    )
+    .await;
+    ml_post(
+        "model-versions/create",
+        json!({ "name": name, "source": format!("runs:/{run}/model"), "run_id": run }),
+    )
+    .await;
+    name.to_owned()
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn jwt_with(claims: Value, alg: Algorithm, secret: &[u8]) -> String {
+    encode(
+        &Header::new(alg),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+fn claims(sub: &str, address: &str) -> Value {
+    json!({
+        "sub": sub, "address": address, "exp": now() + 600,
+        "iss": "https://hokus.ai", "aud": "hokusai-deployer",
+    })
+}
+
+fn jwt(sub: &str, address: &str) -> String {
+    jwt_with(
+        claims(sub, address),
+        Algorithm::HS256,
+        JWT_SECRET.as_bytes(),
+    )
+}
+
+struct Answer {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+}
+
+async fn post(api: &Daemon, token: Option<&str>, body: Value, extra: &[(&str, &str)]) -> Answer {
+    let mut r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/api/deployments", api.ops_port))
+        .timeout(Duration::from_secs(10))
+        .json(&body);
+    if let Some(t) = token {
+        r = r.header("authorization", format!("Bearer {t}"));
+    }
+    for (k, v) in extra {
+        r = r.header(*k, *v);
+    }
+    let r = r.send().await.expect("the API answers");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.json().await.unwrap_or(Value::Null);
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn status_of(api: &Daemon, token: &str, id: &str) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .get(format!(
+            "http://127.0.0.1:{}/api/deployments/{id}/status",
+            api.ops_port
+        ))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .expect("the API answers");
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls the status until `pred` holds (the deployment runs in a worker, seconds away).
+async fn until_status(api: &Daemon, token: &str, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, v) = status_of(api, token, id).await;
+        assert_eq!(code, 200, "{v}");
+        if pred(&v) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "status stuck at {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn ready(api: &Daemon) {
+    api.until("/health/ready", "the API ready", |code, _| code == 200)
+        .await;
+}
+
+fn request(model: &str) -> Value {
+    json!({ "model_id": model, "user_address": OWNER_ADDRESS })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_validated_model_is_deployed_through_the_api_and_its_status_completes() {
+    let stack = Stack::start().await;
+    let model = seed_model(&unique("api_e2e"), true).await;
+    let api = stack.api("api-e2e", mlflow().await, &[]);
+    ready(&api).await;
+    let worker = stack.worker(&[]);
+    let token = jwt(OWNER, OWNER_ADDRESS);
+
+    let started = std::time::Instant::now();
+    let a = post(&api, Some(&token), request(&model), &[]).await;
+    let took = started.elapsed();
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert!(a.headers.contains_key("x-request-id"));
+    assert_eq!(a.headers["x-content-type-options"], "nosniff");
+    assert_eq!(a.body["success"], true);
+    assert_eq!(a.body["model_id"], model.as_str());
+    let id = a.body["deployment_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        a.body["status_url"],
+        format!("/api/deployments/{id}/status")
+    );
+    assert!(
+        a.body["estimated_gas_cost"]
+            .as_str()
+            .unwrap()
+            .parse::<u128>()
+            .unwrap()
+            > 0
+    );
+    assert!(a.body["estimated_confirmation_time"].as_u64().unwrap() >= 1);
+    assert!(
+        took < Duration::from_millis(500),
+        "seed 000: under 500 ms, took {took:?}"
+    );
+
+    let s = until_status(&api, &token, &id, |v| v["status"] == "completed").await;
+    worker.stop().await;
+    assert_eq!(s["model_id"], model.as_str());
+    assert_eq!(
+        s["token_symbol"],
+        "HK-".to_owned() + &model.replace('_', "").to_uppercase()[..8]
+    );
+    assert_eq!(s["token_name"], format!("Hokusai {model}"));
+    let token_address = s["token_address"].as_str().unwrap();
+    let on_chain = ModelRegistry::new(stack.boot.model_registry, stack.provider())
+        .getToken(model.clone())
+        .call()
+        .await
+        .unwrap();
+    assert_eq!(on_chain.to_checksum(None), token_address);
+    for k in ["deployment_tx_hash", "registry_tx_hash"] {
+        assert_eq!(s[k].as_str().unwrap().len(), 66, "{k}: {s}");
+    }
+    let gas: u128 = s["gas_used"].as_str().unwrap().parse().unwrap();
+    let cost: u128 = s["total_cost"].as_str().unwrap().parse().unwrap();
+    assert!(gas > 700_000 && cost > 0, "{s}");
+    assert!(s["block_number"].as_u64().unwrap() > 0);
+    assert_eq!(stack.creations().await, 1);
+
+    // The same model again: it has its token now.
+    let again = post(&api, Some(&token), request(&model), &[]).await;
+    assert_eq!(again.status, 409, "{}", again.body);
+    assert_eq!(again.body["error"]["code"], "TOKEN_EXISTS");
+    assert_eq!(
+        again.body["error"]["details"]["token_address"],
+        token_address
+    );
+
+    // The served OpenAPI document is the committed one.
+    let (code, served) = api.get("/api/openapi.json").await;
+    assert_eq!(code, 200);
+    assert_eq!(served, include_str!("../../docs/openapi.json"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_carries_the_seed_error_code() {
+    let stack = Stack::start().await;
+    let validated = seed_model(&unique("api_ok"), true).await;
+    let unvalidated = seed_model(&unique("api_unvalidated"), false).await;
+    let api = stack.api("api-errors", mlflow().await, &[]);
+    ready(&api).await;
+    let token = jwt(OWNER, OWNER_ADDRESS);
+    let code = |a: &Answer| a.body["error"]["code"].as_str().unwrap_or("").to_owned();
+
+    // Authentication: missing, forged, expired, wrong audience, unsigned, wrong algorithm.
+    let mut expired = claims(OWNER, OWNER_ADDRESS);
+    expired["exp"] = (now() - 3600).into();
+    let mut foreign = claims(OWNER, OWNER_ADDRESS);
+    foreign["aud"] = "someone-else".into();
+    use base64::Engine;
+    let b64 = |d: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d);
+    let unsigned = format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        b64(claims(OWNER, OWNER_ADDRESS).to_string().as_bytes())
+    );
+    let tokens = [
+        ("no token", None),
+        (
+            "forged",
+            Some(jwt_with(
+                claims(OWNER, OWNER_ADDRESS),
+                Algorithm::HS256,
+                b"not-the-secret-not-the-secret-!!",
+            )),
+        ),
+        (
+            "expired",
+            Some(jwt_with(expired, Algorithm::HS256, JWT_SECRET.as_bytes())),
+        ),
+        (
+            "wrong audience",
+            Some(jwt_with(foreign, Algorithm::HS256, JWT_SECRET.as_bytes())),
+        ),
+        ("alg none", Some(unsigned)),
+        (
+            "HS512 not accepted",
+            Some(jwt_with(
+                claims(OWNER, OWNER_ADDRESS),
+                Algorithm::HS512,
+                JWT_SECRET.as_bytes(),
+            )),
+        ),
+    ];
+    for (what, t) in tokens {
+        let a = post(&api, t.as_deref(), request(&validated), &[]).await;
+        assert_eq!(
+            (a.status, code(&a)),
+            (401, "AUTH_FAILED".into()),
+            "{what}: {}",
+            a.body
+        );
+        let msg = a.body["error"]["message"].as_str().unwrap();
+        assert!(
+            !msg.contains("expired") && !msg.contains("signature"),
+            "leaks the reason: {msg}"
+        );
+    }
+    // The token in the body, as seed 000 shows it, works like the header.
+    let mut body_auth = request(&validated);
+    body_auth["auth_token"] = "garbage".into();
+    assert_eq!(post(&api, None, body_auth, &[]).await.status, 401);
+
+    // Body rules name the field.
+    let a = post(
+        &api,
+        Some(&token),
+        json!({ "model_id": validated, "user_address": "0x12" }),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (a.status, code(&a)),
+        (400, "VALIDATION_ERROR".into()),
+        "{}",
+        a.body
+    );
+    assert_eq!(a.body["error"]["details"]["field"], "user_address");
+    let a = post(
+        &api,
+        Some(&token),
+        json!({ "user_address": OWNER_ADDRESS }),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        a.body["error"]["details"]["field"], "model_id",
+        "{}",
+        a.body
+    );
+    // Another user's address than the token's.
+    let a = post(
+        &api,
+        Some(&token),
+        json!({ "model_id": validated, "user_address": CONTRIBUTOR }),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (a.status, code(&a)),
+        (403, "AUTH_FAILED".into()),
+        "{}",
+        a.body
+    );
+
+    // The model: unknown, not validated, not the caller's.
+    let a = post(&api, Some(&token), request("no_such_model"), &[]).await;
+    assert_eq!(
+        (a.status, code(&a)),
+        (404, "MODEL_NOT_FOUND".into()),
+        "{}",
+        a.body
+    );
+    let a = post(&api, Some(&token), request(&unvalidated), &[]).await;
+    assert_eq!(
+        (a.status, code(&a)),
+        (422, "MODEL_NOT_VALIDATED".into()),
+        "{}",
+        a.body
+    );
+    let stranger = "0x000000000000000000000000000000000000dEaD";
+    let a = post(
+        &api,
+        Some(&jwt("user-2", stranger)),
+        json!({ "model_id": validated, "user_address": stranger }),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (a.status, code(&a)),
+        (403, "AUTH_FAILED".into()),
+        "{}",
+        a.body
+    );
+    // A contributor may deploy it.
+    let key = [("idempotency-key", "k-1")];
+    let first = post(
+        &api,
+        Some(&jwt("user-3", CONTRIBUTOR)),
+        json!({ "model_id": validated, "user_address": CONTRIBUTOR }),
+        &key,
+    )
+    .await;
+    assert_eq!(first.status, 202, "{}", first.body);
+    // The same Idempotency-Key: the same deployment, queued once.
+    let replay = post(
+        &api,
+        Some(&jwt("user-3", CONTRIBUTOR)),
+        json!({ "model_id": validated, "user_address": CONTRIBUTOR }),
+        &key,
+    )
+    .await;
+    assert_eq!(replay.status, 200, "{}", replay.body);
+    assert_eq!(replay.body["deployment_id"], first.body["deployment_id"]);
+    assert_eq!(replay.headers["idempotent-replayed"], "true");
+    assert_eq!(stack.len("hokusai:model_ready_queue").await, 1);
+    // A second deployment of a model being deployed.
+    let a = post(&api, Some(&token), request(&validated), &[]).await;
+    assert_eq!(
+        (a.status, code(&a)),
+        (409, "TOKEN_EXISTS".into()),
+        "{}",
+        a.body
+    );
+    assert_eq!(
+        a.body["error"]["details"]["deployment_id"],
+        first.body["deployment_id"]
+    );
+    // Another user cannot read its status.
+    let id = first.body["deployment_id"].as_str().unwrap();
+    let (c, v) = status_of(&api, &jwt("user-9", stranger), id).await;
+    assert_eq!(
+        (c, v["error"]["code"].as_str()),
+        (404, Some("DEPLOYMENT_NOT_FOUND"))
+    );
+    let (c, v) = status_of(&api, &jwt("user-3", CONTRIBUTOR), id).await;
+    assert_eq!((c, v["status"].as_str()), (200, Some("pending")), "{v}");
+
+    // Paused by an operator.
+    let _: () = stack
+        .client
+        .set("hokusai:deployer:paused", "{}", None, None, false)
+        .await
+        .unwrap();
+    let another = seed_model(&unique("api_paused"), true).await;
+    let a = post(&api, Some(&token), request(&another), &[]).await;
+    assert_eq!(
+        (a.status, code(&a)),
+        (503, "DEPLOYMENTS_PAUSED".into()),
+        "{}",
+        a.body
+    );
+    let _: i64 = stack.client.del("hokusai:deployer:paused").await.unwrap();
+
+    // Fees above the cap (an API whose cap is far under anvil's base fee).
+    let capped = stack.api(
+        "api-capped",
+        mlflow().await,
+        &[("HOKUSAI__CHAIN__MAX_FEE_PER_GAS_GWEI", "0.000001")],
+    );
+    ready(&capped).await;
+    let a = post(&capped, Some(&token), request(&another), &[]).await;
+    assert_eq!(
+        (a.status, code(&a)),
+        (503, "INSUFFICIENT_GAS".into()),
+        "{}",
+        a.body
+    );
+    // A refused request gives its quota slot back: this user has made no deployment yet.
+    let a = post(&api, Some(&token), request(&another), &[]).await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    assert_eq!(a.headers["x-ratelimit-remaining"], "4");
+
+    // Too large a body.
+    let big = json!({ "model_id": "x".repeat(20_000), "user_address": OWNER_ADDRESS });
+    let a = post(&api, Some(&token), big, &[]).await;
+    assert_eq!((a.status, code(&a)), (413, "PAYLOAD_TOO_LARGE".into()));
+}
+
+/// A deployment the chain refuses (the worker's key is no registrar) ends `failed` with
+/// `DEPLOYMENT_FAILED` and the deployment's transaction hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_the_chain_refuses_reports_deployment_failed() {
+    let stack = Stack::start().await;
+    let model = seed_model(&unique("api_refused"), true).await;
+    let api = stack.api("api-refused", mlflow().await, &[]);
+    ready(&api).await;
+    let worker = stack.worker(&[("HOKUSAI__CHAIN__PRIVATE_KEY", NOT_REGISTRAR_KEY)]);
+    let token = jwt(OWNER, OWNER_ADDRESS);
+    let a = post(&api, Some(&token), request(&model), &[]).await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    let id = a.body["deployment_id"].as_str().unwrap().to_owned();
+    let s = until_status(&api, &token, &id, |v| v["status"] == "failed").await;
+    worker.stop().await;
+    assert_eq!(s["error"]["code"], "DEPLOYMENT_FAILED", "{s}");
+    assert!(!s["error"]["message"].as_str().unwrap().is_empty());
+    // The failed deployment does not hold the model: a new request may try again.
+    let retry = post(&api, Some(&token), request(&model), &[]).await;
+    assert_eq!(retry.status, 202, "{}", retry.body);
+}
+
+/// 50 concurrent POSTs by one user, spread over two API processes: exactly 5 accepted (seed
+/// 000: 5 per hour), 45 refused with 429 and `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_posts_admit_exactly_five_across_two_api_processes() {
+    let stack = Stack::start().await;
+    let mut models = Vec::new();
+    for i in 0..50 {
+        models.push(seed_model(&unique(&format!("api_rate{i}")), true).await);
+    }
+    let apis = [
+        stack.api("api-rate-a", mlflow().await, &[]),
+        stack.api("api-rate-b", mlflow().await, &[]),
+    ];
+    for a in &apis {
+        ready(a).await;
+    }
+    let token = jwt(OWNER, OWNER_ADDRESS);
+    let answers = futures::future::join_all(models.iter().enumerate().map(|(i, m)| {
+        let (api, token) = (&apis[i % 2], token.clone());
+        async move { post(api, Some(&token), request(m), &[]).await }
+    }))
+    .await;
+    let accepted = answers.iter().filter(|a| a.status == 202).count();
+    let limited: Vec<&Answer> = answers.iter().filter(|a| a.status == 429).collect();
+    assert_eq!(
+        accepted,
+        5,
+        "{:?}",
+        answers
+            .iter()
+            .map(|a| (a.status, &a.body))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(limited.len(), 45);
+    for a in limited {
+        assert_eq!(a.body["error"]["code"], "RATE_LIMIT_EXCEEDED");
+        let retry: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!(retry > 3500 && retry <= 3600, "{retry}");
+        assert_eq!(a.headers["x-ratelimit-remaining"], "0");
+    }
+    assert_eq!(stack.len("hokusai:model_ready_queue").await, 5);
+}
+
+/// schemathesis (PyPI) generates requests from docs/openapi.json against the live API: no
+/// server error, and every answer fits the documented schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
+    let stack = Stack::start().await;
+    let model = seed_model(&unique("api_fuzz"), true).await;
+    let api = stack.api("api-fuzz", mlflow().await, &[]);
+    ready(&api).await;
+    let bin = concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/venv/bin/schemathesis");
+    let out = tokio::process::Command::new(bin)
+        .args([
+            "--no-color",
+            "run",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json"),
+            "--url",
+            &format!("http://127.0.0.1:{}", api.ops_port),
+            "--header",
+            // No address claim: generated addresses are not refused as someone else's.
+            &format!(
+                "Authorization: Bearer {}",
+                jwt_with(
+                    json!({ "sub": OWNER, "exp": now() + 600, "iss": "https://hokus.ai", "aud": "hokusai-deployer" }),
+                    Algorithm::HS256,
+                    JWT_SECRET.as_bytes()
+                )
+            ),
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+            "--workers",
+            "1",
+            "--max-examples",
+            "40",
+            "--seed",
+            "1",
+        ])
+        .current_dir(env!("CARGO_TARGET_TMPDIR"))
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .expect("schemathesis runs (make pytools)");
+    let report = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "schemathesis found problems:\n{report}"
+    );
+    // It got past authentication to the body rules and the model checks.
+    assert!(!report.contains("Authentication failed"), "{report}");
+    let _ = model;
+}
