@@ -332,6 +332,76 @@ mod tests {
         assert!(a.jwt(&none).is_err(), "alg none was accepted");
     }
 
+    fn keyed(algorithms: &str, public_key: &str, secret: Option<&str>) -> Authenticator {
+        let path = format!("{}/tests/data/jwt/{public_key}", env!("CARGO_MANIFEST_DIR"));
+        let mut env: Vec<(String, String)> = vec![
+            ("HOKUSAI__API__JWT__ALGORITHMS".into(), algorithms.into()),
+            ("HOKUSAI__API__JWT__PUBLIC_KEY_FILE".into(), path),
+        ];
+        if let Some(s) = secret {
+            env.push(("HOKUSAI__API__JWT__SECRET".into(), s.into()));
+        }
+        Authenticator::new(&Settings::load(Sources { file: None, env }).unwrap()).unwrap()
+    }
+
+    fn pem(name: &str) -> Vec<u8> {
+        std::fs::read(format!(
+            "{}/tests/data/jwt/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    fn claims_only() -> serde_json::Value {
+        serde_json::json!({ "sub": "user-1", "exp": now() + 600 })
+    }
+
+    #[test]
+    fn rs256_and_es256_tokens_verify_with_the_public_key() {
+        let rs = encode(
+            &Header::new(Algorithm::RS256),
+            &claims_only(),
+            &EncodingKey::from_rsa_pem(&pem("rsa-private.pem")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            keyed("RS256", "rsa-public.pem", None)
+                .jwt(&rs)
+                .unwrap()
+                .user_id,
+            "user-1"
+        );
+        let es = encode(
+            &Header::new(Algorithm::ES256),
+            &claims_only(),
+            &EncodingKey::from_ec_pem(&pem("ec-private.pem")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            keyed("ES256", "ec-public.pem", None)
+                .jwt(&es)
+                .unwrap()
+                .user_id,
+            "user-1"
+        );
+        // An ES256 token where RS256 is configured.
+        assert!(keyed("RS256", "rsa-public.pem", None).jwt(&es).is_err());
+    }
+
+    /// The classic confusion: an HS256 token whose HMAC key is the server's RSA public key.
+    #[test]
+    fn a_token_signed_with_the_public_key_as_hmac_secret_is_refused() {
+        let public = pem("rsa-public.pem");
+        let forged = token(claims_only(), Algorithm::HS256, &public);
+        assert!(keyed("RS256", "rsa-public.pem", None).jwt(&forged).is_err());
+        // Even with HS256 accepted too, its key is the configured secret, never the PEM.
+        let both = keyed("RS256,HS256", "rsa-public.pem", Some(SECRET));
+        assert!(both.jwt(&forged).is_err());
+        assert!(both
+            .jwt(&token(claims_only(), Algorithm::HS256, SECRET.as_bytes()))
+            .is_ok());
+    }
+
     #[test]
     fn service_keys_are_recognised_exactly() {
         let a = auth(&[("HOKUSAI__API__API_KEYS", "key-one-123456, key-two-654321")]);

@@ -168,3 +168,125 @@ pub async fn anvil(extra: &[&str]) -> Result<Service, StackError> {
         .args(extra);
     spawn_until("anvil", cmd, |l| l.starts_with("Listening on"), port).await
 }
+
+/// Starts an MLflow tracking server (`mlflow server`, from `HOKUSAI_MLFLOW`, `PATH` or
+/// `.tools/venv/bin`, installed by `make pytools`) on a free port with its store in `dir`, and
+/// returns its URL once `/health` answers. It runs in its own process group, which a watcher
+/// terminates when this process is gone (the server's uvicorn child would outlive a plain kill).
+pub async fn mlflow(dir: &Path) -> Result<String, StackError> {
+    let bin = std::env::var_os("HOKUSAI_MLFLOW")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/venv/bin/mlflow");
+            p.is_file().then_some(p)
+        })
+        .map_or_else(|| find_tool("mlflow", "HOKUSAI_MLFLOW"), Ok)?;
+    let port = free_port();
+    let d = dir.display();
+    let script = format!(
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false '{bin}' server --host 127.0.0.1 --port {port} \
+         --backend-store-uri 'sqlite:///{d}/mlflow.db' --default-artifact-root '{d}/artifacts' \
+         --workers 1 >'{d}/mlflow.log' 2>&1 & \
+         while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill -TERM -$$",
+        bin = bin.display(),
+        parent = std::process::id(),
+    );
+    // Never waited for: the watcher outlives this call and ends with this process.
+    #[allow(clippy::zombie_processes)]
+    std::process::Command::new("setsid")
+        .args(["sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|source| StackError::Spawn {
+            tool: "mlflow",
+            source,
+        })?;
+    let url = format!("http://127.0.0.1:{port}");
+    let http = alloy::transports::http::reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok(r) = http.get(format!("{url}/health")).send().await {
+            if r.status().is_success() {
+                return Ok(url);
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(StackError::NotReady {
+                tool: "mlflow",
+                detail: format!("no answer on {url}/health within 90 s; see {d}/mlflow.log"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A model in MLflow as the API expects it (docs/api.md): a run with `accuracy` 0.884 over
+/// `baseline_accuracy` 0.854, a registered model `name` with the hokusai tags, a version.
+pub async fn seed_model(
+    mlflow: &str,
+    name: &str,
+    validated: bool,
+    owner: &str,
+    contributors: &[&str],
+) -> anyhow::Result<()> {
+    use serde_json::{json, Value};
+    let http = alloy::transports::http::reqwest::Client::new();
+    let post = |path: &str, body: Value| {
+        let req = http
+            .post(format!("{mlflow}/api/2.0/mlflow/{path}"))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        let path = path.to_owned();
+        async move {
+            let r = req.send().await?;
+            let status = r.status();
+            let v: Value = serde_json::from_slice(&r.bytes().await?)?;
+            anyhow::ensure!(status.is_success(), "mlflow {path}: {status} {v}");
+            Ok::<Value, anyhow::Error>(v)
+        }
+    };
+    let exp = post(
+        "experiments/create",
+        json!({ "name": format!("exp-{name}") }),
+    )
+    .await?;
+    let run = post(
+        "runs/create",
+        json!({ "experiment_id": exp["experiment_id"] }),
+    )
+    .await?;
+    let run_id = run["run"]["info"]["run_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let now = chrono::Utc::now().timestamp_millis();
+    post(
+        "runs/log-batch",
+        json!({ "run_id": run_id, "metrics": [
+            { "key": "accuracy", "value": 0.884, "timestamp": now, "step": 0 },
+            { "key": "baseline_accuracy", "value": 0.854, "timestamp": now, "step": 0 },
+        ]}),
+    )
+    .await?;
+    let tag = |k: &str, v: &str| json!({ "key": k, "value": v });
+    post(
+        "registered-models/create",
+        json!({ "name": name, "tags": [
+            tag("hokusai.validated", if validated { "true" } else { "false" }),
+            tag("hokusai.validated_at", "2026-11-20T10:00:00Z"),
+            tag("hokusai.owner_user_id", owner),
+            tag("hokusai.contributors", &contributors.join(",")),
+            tag("hokusai.mlflow_run_id", &run_id),
+            tag("hokusai.metric_name", "accuracy"),
+        ]}),
+    )
+    .await?;
+    post(
+        "model-versions/create",
+        json!({ "name": name, "source": format!("runs:/{run_id}/model"), "run_id": run_id }),
+    )
+    .await?;
+    Ok(())
+}

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use fred::prelude::*;
 use hokusai_deployer::chain::ModelRegistry;
+use hokusai_deployer::localstack;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio::sync::OnceCell;
@@ -24,114 +25,29 @@ const NOT_REGISTRAR_KEY: &str =
 
 static MLFLOW: OnceCell<String> = OnceCell::const_new();
 
-/// The test binary's MLflow server: started once, in its own process group, which a watcher
-/// kills when this process is gone.
+/// The test binary's MLflow server, started once (it ends with the test process).
 async fn mlflow() -> &'static str {
     MLFLOW
         .get_or_init(|| async {
-            let bin = std::env::var("HOKUSAI_TEST_MLFLOW").unwrap_or_else(|_| {
-                concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/venv/bin/mlflow").into()
-            });
-            assert!(
-                std::path::Path::new(&bin).exists(),
-                "{bin} is missing: run `make pytools`"
-            );
             let dir = tempfile::tempdir().expect("temp dir").keep();
-            let port = hokusai_deployer::localstack::free_port();
-            let script = format!(
-                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false '{bin}' server --host 127.0.0.1 --port {port} \
-                 --backend-store-uri 'sqlite:///{d}/mlflow.db' --default-artifact-root '{d}/artifacts' \
-                 --workers 1 >'{d}/log' 2>&1 & \
-                 while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill -TERM -$$",
-                d = dir.display(),
-                parent = std::process::id(),
-            );
-            // Never waited for: it outlives this test and ends with the test process.
-            #[allow(clippy::zombie_processes)]
-            std::process::Command::new("setsid")
-                .args(["sh", "-c", &script])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("setsid and sh exist");
-            let url = format!("http://127.0.0.1:{port}");
-            let deadline = std::time::Instant::now() + Duration::from_secs(90);
-            loop {
-                if let Ok(r) = reqwest::get(format!("{url}/health")).await {
-                    if r.status().is_success() {
-                        break;
-                    }
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "mlflow did not start; see {}/log",
-                    dir.display()
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            url
+            localstack::mlflow(&dir)
+                .await
+                .expect("mlflow starts (make pytools)")
         })
         .await
 }
 
-async fn ml_post(path: &str, body: Value) -> Value {
-    let url = format!("{}/api/2.0/mlflow/{path}", mlflow().await);
-    let r = reqwest::Client::new()
-        .post(&url)
-        .json(&body)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
-    let status = r.status();
-    let v: Value = r.json().await.expect("mlflow answers JSON");
-    assert!(status.is_success(), "POST {path}: {status} {v}");
-    v
-}
-
-/// A registered model with its run (accuracy 0.884 over a baseline of 0.854) and the tags
-/// of docs/api.md. Returns the model id.
+/// A registered model with its run and the tags of docs/api.md. Returns the model id.
 async fn seed_model(name: &str, validated: bool) -> String {
-    let exp = ml_post(
-        "experiments/create",
-        json!({ "name": format!("exp-{name}") }),
+    localstack::seed_model(
+        mlflow().await,
+        name,
+        validated,
+        OWNER,
+        &[OWNER_ADDRESS, CONTRIBUTOR],
     )
-    .await["experiment_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let run = ml_post("runs/create", json!({ "experiment_id": exp })).await["run"]["info"]
-        ["run_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let now = chrono::Utc::now().timestamp_millis();
-    ml_post(
-        "runs/log-batch",
-        json!({ "run_id": run, "metrics": [
-            { "key": "accuracy", "value": 0.884, "timestamp": now, "step": 0 },
-            { "key": "baseline_accuracy", "value": 0.854, "timestamp": now, "step": 0 },
-        ]}),
-    )
-    .await;
-    let tag = |k: &str, v: &str| json!({ "key": k, "value": v });
-    ml_post(
-        "registered-models/create",
-        json!({ "name": name, "tags": [
-            tag("hokusai.validated", if validated { "true" } else { "false" }),
-            tag("hokusai.validated_at", "2026-11-20T10:00:00Z"),
-            tag("hokusai.owner_user_id", OWNER),
-            tag("hokusai.contributors", &format!("{OWNER_ADDRESS},{CONTRIBUTOR}")),
-            tag("hokusai.mlflow_run_id", &run),
-            tag("hokusai.metric_name", "accuracy"),
-        ]}),
-    )
-    .await;
-    ml_post(
-        "model-versions/create",
-        json!({ "name": name, "source": format!("runs:/{run}/model"), "run_id": run }),
-    )
-    .await;
+    .await
+    .expect("mlflow takes the model");
     name.to_owned()
 }
 

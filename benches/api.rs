@@ -1,0 +1,231 @@
+//! The HTTP API under load: `cargo bench --bench api`.
+//!
+//! Starts Redis, anvil (contracts deployed) and an MLflow server, seeds `BENCH_MODELS` models
+//! (default 300), runs the real binary (`hokusai-deployer api`) and drives it with
+//! `BENCH_CONNECTIONS` (default 100) concurrent keep-alive connections: one POST per model (each
+//! by its own user, so no quota refuses it), then `BENCH_GETS` (default 20000) status GETs.
+//! Prints p50/p99/max and requests per second of each, and the API's peak RSS. Needs
+//! `make pytools` (MLflow). Under `cargo test` it does nothing.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hokusai_deployer::config::{Secret, Settings, Sources};
+use hokusai_deployer::{chain, localstack};
+use jsonwebtoken::{encode, EncodingKey, Header};
+
+const SECRET: &str = "bench-secret-0123456789-0123456789-abc";
+const ADDRESS: &str = "0x742d35Cc6634C0532925a3b844Bc9e7595f82b3d";
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn token(sub: &str) -> String {
+    let exp = chrono::Utc::now().timestamp() + 3600;
+    encode(
+        &Header::default(),
+        &serde_json::json!({ "sub": sub, "address": ADDRESS, "exp": exp }),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("signs")
+}
+
+fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// Runs `n` requests over `connections` workers; returns sorted latencies (ms) and wall time.
+async fn drive<F, Fut>(n: usize, connections: usize, one: F) -> (Vec<f64>, f64)
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let one = Arc::new(one);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (next, one) = (next.clone(), one.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return lat;
+                }
+                let t = Instant::now();
+                one(i).await;
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }));
+    }
+    let mut all = Vec::with_capacity(n);
+    for t in tasks {
+        all.extend(t.await.expect("worker task"));
+    }
+    all.sort_by(f64::total_cmp);
+    (all, started.elapsed().as_secs_f64())
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn report(what: &str, lat: &[f64], wall: f64) {
+    println!(
+        "{what:<22} {:>6} requests  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  {:.0} req/s",
+        lat.len(),
+        pct(lat, 0.5),
+        pct(lat, 0.99),
+        lat.last().copied().unwrap_or_default(),
+        lat.len() as f64 / wall
+    );
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("api bench: run with `cargo bench --bench api`");
+        return Ok(());
+    }
+    let models = env_or("BENCH_MODELS", 300);
+    let connections = env_or("BENCH_CONNECTIONS", 100);
+    let gets = env_or("BENCH_GETS", 20_000);
+    let dir = tempfile::tempdir()?;
+    let redis = localstack::redis(dir.path(), &[]).await?;
+    let anvil = localstack::anvil(&[]).await?;
+    let mlflow = localstack::mlflow(dir.path()).await?;
+    let mut env = vec![
+        ("HOKUSAI__REDIS__URL".to_string(), redis.url("redis")),
+        ("HOKUSAI__CHAIN__RPC_URLS".to_string(), anvil.url("http")),
+    ];
+    let settings = Settings::load(Sources {
+        file: None,
+        env: env.clone(),
+    })?;
+    let boot = chain::bootstrap(&settings, &Secret::new(localstack::ANVIL_DEV_KEY), None).await?;
+    let names: Vec<String> = (0..models).map(|i| format!("bench_api_{i}")).collect();
+    let seeding = Instant::now();
+    for n in &names {
+        localstack::seed_model(&mlflow, n, true, "owner", &[ADDRESS]).await?;
+    }
+    println!(
+        "seeded {models} models in MLflow in {:.1} s",
+        seeding.elapsed().as_secs_f64()
+    );
+    let port = localstack::free_port();
+    env.extend([
+        (
+            "HOKUSAI__CHAIN__MODEL_REGISTRY_ADDRESS".into(),
+            boot.model_registry.to_string(),
+        ),
+        (
+            "HOKUSAI__CHAIN__TOKEN_MANAGER_ADDRESS".into(),
+            boot.token_manager.to_string(),
+        ),
+        ("HOKUSAI__API__PORT".into(), port.to_string()),
+        ("HOKUSAI__API__BIND".into(), "127.0.0.1".into()),
+        ("HOKUSAI__API__JWT__SECRET".into(), SECRET.into()),
+        ("HOKUSAI__API__MLFLOW__URL".into(), mlflow.clone()),
+        (
+            "HOKUSAI__API__LIMITS__GLOBAL_PER_HOUR".into(),
+            "1000000".into(),
+        ),
+        ("HOKUSAI__LOG__LEVEL".into(), "warn".into()),
+    ]);
+    let mut api = tokio::process::Command::new(env!("CARGO_BIN_EXE_hokusai-deployer"))
+        .arg("api")
+        .env_clear()
+        .envs(env)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(
+            std::env::temp_dir().join("hokusai-bench-api.log"),
+        )?)
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = api.id().expect("running");
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(connections)
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http.get(format!("{base}/health")).send().await.is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "the API did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let tokens: Arc<Vec<String>> = Arc::new((0..models).map(|i| token(&format!("u{i}"))).collect());
+    let ids: Arc<std::sync::Mutex<Vec<(usize, String)>>> = Arc::default();
+    let (post_lat, post_wall) = {
+        let (http, base, tokens, names, ids) = (
+            http.clone(),
+            base.clone(),
+            tokens.clone(),
+            Arc::new(names),
+            ids.clone(),
+        );
+        drive(models, connections, move |i| {
+            let (http, base, tokens, names, ids) = (
+                http.clone(),
+                base.clone(),
+                tokens.clone(),
+                names.clone(),
+                ids.clone(),
+            );
+            async move {
+                let r = http
+                    .post(format!("{base}/api/deployments"))
+                    .bearer_auth(&tokens[i])
+                    .json(&serde_json::json!({ "model_id": names[i], "user_address": ADDRESS }))
+                    .send()
+                    .await
+                    .expect("POST answered");
+                assert_eq!(r.status().as_u16(), 202, "POST {}", names[i]);
+                let v: serde_json::Value = r.json().await.expect("json");
+                ids.lock()
+                    .unwrap()
+                    .push((i, v["deployment_id"].as_str().unwrap().to_owned()));
+            }
+        })
+        .await
+    };
+    let ids: Arc<Vec<(usize, String)>> = Arc::new(ids.lock().unwrap().clone());
+    let (get_lat, get_wall) = {
+        let (http, base, tokens, ids) = (http.clone(), base.clone(), tokens.clone(), ids.clone());
+        drive(gets, connections, move |i| {
+            let (http, base, tokens, ids) =
+                (http.clone(), base.clone(), tokens.clone(), ids.clone());
+            async move {
+                let (who, id) = &ids[i % ids.len()];
+                let r = http
+                    .get(format!("{base}/api/deployments/{id}/status"))
+                    .bearer_auth(&tokens[*who])
+                    .send()
+                    .await
+                    .expect("GET answered");
+                assert_eq!(r.status().as_u16(), 200);
+                let _ = r.bytes().await;
+            }
+        })
+        .await
+    };
+    let rss = peak_rss(pid);
+    let _ = api.kill().await;
+    println!("connections            {connections}");
+    report("POST /api/deployments", &post_lat, post_wall);
+    report("GET  .../status", &get_lat, get_wall);
+    println!("API peak RSS           {:.1} MiB", rss as f64 / 1048576.0);
+    Ok(())
+}
