@@ -428,7 +428,10 @@ pub fn router(state: Arc<ApiState>, ops: Arc<OpsState>) -> Router {
         ),
     ];
     let mut api = Router::new()
-        .route("/api/deployments", post(create))
+        .route(
+            "/api/deployments",
+            post(create).layer(axum::extract::DefaultBodyLimit::max(s.max_body_bytes)),
+        )
         .route("/api/deployments/{id}/status", get(status))
         .route("/api/openapi.json", get(openapi_json))
         .with_state(state.clone())
@@ -442,9 +445,30 @@ pub fn router(state: Arc<ApiState>, ops: Arc<OpsState>) -> Router {
             HeaderValue::from_static(value),
         ));
     }
-    api.layer(cors)
+    api.layer(axum::middleware::from_fn(record_request))
+        .layer(cors)
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+/// Records each request's latency by route and status (`hokusai_api_request_duration_seconds`).
+async fn record_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let r = next.run(req).await;
+    metrics::histogram!(
+        crate::telemetry::names::API_DURATION,
+        "route" => route,
+        "method" => method,
+        "status" => r.status().as_u16().to_string()
+    )
+    .record(started.elapsed().as_secs_f64());
+    r
 }
 
 /// Runs the API until `shutdown`, refreshing estimates in the background.
@@ -517,8 +541,27 @@ where
     ),
     security(("bearer" = []), ("api_key" = []))
 )]
-async fn create(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn create(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    // Over `api.max_body_bytes` the body extractor stops reading: answer in our format.
+    let Ok(body) = body else {
+        return too_large(&state).into_response();
+    };
     bounded(&state, create_inner(&state, &headers, &body)).await
+}
+
+fn too_large(state: &ApiState) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "PAYLOAD_TOO_LARGE",
+        format!(
+            "the body is larger than {} bytes",
+            state.settings.api.max_body_bytes
+        ),
+    )
 }
 
 async fn create_inner(
@@ -527,14 +570,7 @@ async fn create_inner(
     body: &[u8],
 ) -> Result<Response, ApiError> {
     if body.len() > state.settings.api.max_body_bytes {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "PAYLOAD_TOO_LARGE",
-            format!(
-                "the body is larger than {} bytes",
-                state.settings.api.max_body_bytes
-            ),
-        ));
+        return Err(too_large(state));
     }
     let req = parse_request(body);
     // Authenticate first: an anonymous caller learns nothing about the body.

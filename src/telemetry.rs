@@ -53,6 +53,7 @@ pub mod names {
     pub const BASE_FEE: &str = "hokusai_base_fee_gwei";
     pub const REPLACEMENTS: &str = "hokusai_tx_replacements_total";
     pub const FEE_WAITING: &str = "hokusai_messages_waiting_for_fees";
+    pub const API_DURATION: &str = "hokusai_api_request_duration_seconds";
 }
 
 static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
@@ -146,6 +147,10 @@ fn describe() {
     );
     describe_gauge!(REDIS_UP, "1 if the last scrape could read Redis, else 0.");
     describe_histogram!(RPC_DURATION, "Latency of JSON-RPC requests, by method.");
+    describe_histogram!(
+        API_DURATION,
+        "Latency of HTTP API requests, by route, method and status."
+    );
     describe_histogram!(REDIS_DURATION, "Latency of Redis commands, by operation.");
     describe_gauge!(
         BALANCE,

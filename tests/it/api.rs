@@ -222,6 +222,13 @@ async fn a_validated_model_is_deployed_through_the_api_and_its_status_completes(
         token_address
     );
 
+    // Requests are measured by route.
+    let (_, metrics) = api.get("/metrics").await;
+    assert!(
+        metrics.contains(r#"hokusai_api_request_duration_seconds_count{route="/api/deployments",method="POST",status="202"} 1"#),
+        "{metrics}"
+    );
+
     // The served OpenAPI document is the committed one.
     let (code, served) = api.get("/api/openapi.json").await;
     assert_eq!(code, 200);
