@@ -6,7 +6,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: tools redis-server promtool node-tools pytools abi abi-check test run-local lint fmt clean
+.PHONY: tools redis-server promtool node-tools pytools abi abi-check test run-local lint deploy-lint image fmt clean
 
 ## Install what the tests and the local stack need, when missing: redis-server and promtool
 ## (Debian), the pinned npm toolchain in contracts/ (solcjs, OpenZeppelin, anvil, cast), and
@@ -55,6 +55,22 @@ run-local: tools
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+## Packaging lint: hadolint on the Dockerfile, kubernetes-validate --strict on every manifest,
+## the ECS task definitions parse, the compose file parses (podman-compose config needs podman).
+deploy-lint: pytools
+	.tools/venv/bin/hadolint Dockerfile
+	.tools/venv/bin/kubernetes-validate --strict --quiet $(filter-out k8s/kustomization.yaml,$(wildcard k8s/*.yaml))
+	.tools/venv/bin/python -c 'import json, sys; [json.load(open(f)) for f in sys.argv[1:]]' docs/deploy/ecs/*.json
+	.tools/venv/bin/python -c 'import yaml, sys; [yaml.safe_load(open(f)) for f in sys.argv[1:]]' docs/deploy/docker-compose.yml k8s/kustomization.yaml
+	@if command -v podman >/dev/null; then .tools/venv/bin/podman-compose -f docs/deploy/docker-compose.yml config >/dev/null && echo "compose file valid"; fi
+
+## The container image with podman and local stand-ins for the base images (no registry here).
+image:
+	bash ../shared/tools/container-bases.sh build
+	eval "$$(bash ../shared/tools/container-bases.sh env)" && podman build --pull=never --format docker \
+	  -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro \
+	  --build-arg HOKUSAI_GIT_REVISION=$$(git rev-parse --short=12 HEAD) -t hokusai-deployer .
 
 fmt:
 	$(CARGO) fmt --all

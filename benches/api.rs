@@ -2,8 +2,10 @@
 //!
 //! Starts Redis, anvil (contracts deployed) and an MLflow server, seeds `BENCH_MODELS` models
 //! (default 300), runs the real binary (`hokusai-deployer api`) and drives it with
-//! `BENCH_CONNECTIONS` (default 100) concurrent keep-alive connections: one POST per model (each
-//! by its own user, so no quota refuses it), then `BENCH_GETS` (default 20000) status GETs.
+//! `BENCH_CONNECTIONS` (default 100) concurrent keep-alive connections: one POST per model by a
+//! caller who may not deploy it (MLflow's first lookup of each model, answered 403), one POST
+//! per model by its contributor (each its own user, so no quota refuses it; the model's facts
+//! now cached), then `BENCH_GETS` (default 20000) status GETs.
 //! Prints p50/p99/max and requests per second of each, and the API's peak RSS. Needs
 //! `make pytools` (MLflow). Under `cargo test` it does nothing.
 
@@ -25,11 +27,17 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+const STRANGER: &str = "0x000000000000000000000000000000000000dEaD";
+
 fn token(sub: &str) -> String {
+    token_for(sub, ADDRESS)
+}
+
+fn token_for(sub: &str, address: &str) -> String {
     let exp = chrono::Utc::now().timestamp() + 3600;
     encode(
         &Header::default(),
-        &serde_json::json!({ "sub": sub, "address": ADDRESS, "exp": exp }),
+        &serde_json::json!({ "sub": sub, "address": address, "exp": exp }),
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .expect("signs")
@@ -143,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
             "HOKUSAI__API__LIMITS__GLOBAL_PER_HOUR".into(),
             "1000000".into(),
         ),
+        ("HOKUSAI__API__MLFLOW__CACHE_SECS".into(), "3600".into()),
         ("HOKUSAI__LOG__LEVEL".into(), "warn".into()),
     ]);
     let mut api = tokio::process::Command::new(env!("CARGO_BIN_EXE_hokusai-deployer"))
@@ -167,13 +176,42 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let tokens: Arc<Vec<String>> = Arc::new((0..models).map(|i| token(&format!("u{i}"))).collect());
+    let names = Arc::new(names);
+
+    // Every model looked up in MLflow for the first time, by a caller who may not deploy it:
+    // the whole check up to the ownership refusal (403), MLflow included.
+    let strangers: Arc<Vec<String>> = Arc::new(
+        (0..models)
+            .map(|i| token_for(&format!("s{i}"), STRANGER))
+            .collect(),
+    );
+    let (cold_lat, cold_wall) = {
+        let (http, base, strangers, names) =
+            (http.clone(), base.clone(), strangers.clone(), names.clone());
+        drive(models, connections, move |i| {
+            let (http, base, strangers, names) =
+                (http.clone(), base.clone(), strangers.clone(), names.clone());
+            async move {
+                let r = http
+                    .post(format!("{base}/api/deployments"))
+                    .bearer_auth(&strangers[i])
+                    .json(&serde_json::json!({ "model_id": names[i], "user_address": STRANGER }))
+                    .send()
+                    .await
+                    .expect("POST answered");
+                assert_eq!(r.status().as_u16(), 403, "POST {}", names[i]);
+                let _ = r.bytes().await;
+            }
+        })
+        .await
+    };
     let ids: Arc<std::sync::Mutex<Vec<(usize, String)>>> = Arc::default();
     let (post_lat, post_wall) = {
         let (http, base, tokens, names, ids) = (
             http.clone(),
             base.clone(),
             tokens.clone(),
-            Arc::new(names),
+            names.clone(),
             ids.clone(),
         );
         drive(models, connections, move |i| {
@@ -224,6 +262,7 @@ async fn main() -> anyhow::Result<()> {
     let rss = peak_rss(pid);
     let _ = api.kill().await;
     println!("connections            {connections}");
+    report("POST, MLflow cold (403)", &cold_lat, cold_wall);
     report("POST /api/deployments", &post_lat, post_wall);
     report("GET  .../status", &get_lat, get_wall);
     println!("API peak RSS           {:.1} MiB", rss as f64 / 1048576.0);

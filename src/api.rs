@@ -38,8 +38,6 @@ use crate::mlflow::{Mlflow, Model};
 use crate::ops::OpsState;
 use crate::queue;
 
-/// How long a model lookup from MLflow is reused.
-const MODEL_CACHE: Duration = Duration::from_secs(10);
 /// Registration gas when no estimate is at hand (measured: ~0.12 M).
 const REGISTER_GAS: u64 = 150_000;
 /// How long an `Idempotency-Key` is remembered.
@@ -363,7 +361,7 @@ impl ApiState {
         }
     }
 
-    /// The model from MLflow, cached briefly.
+    /// The model from MLflow, reused for `api.mlflow.cache_secs`.
     async fn model(&self, model_id: &str) -> Result<Option<Model>, ApiError> {
         if let Some((at, m)) = self
             .models
@@ -372,7 +370,7 @@ impl ApiState {
             .get(model_id)
             .cloned()
         {
-            if at.elapsed() < MODEL_CACHE {
+            if at.elapsed() < Duration::from_secs(self.settings.api.mlflow.cache_secs) {
                 return Ok(m);
             }
         }

@@ -47,6 +47,13 @@ pub enum Command {
     /// Serve the HTTP deployment API (port `api.port`, 3001) with /health and /metrics; the
     /// workers (`run`) do the deployments it queues, so the two scale apart.
     Api,
+    /// Exit 0 if this container's service answers `GET /health` (the ops port or the API
+    /// port, on loopback): the image's HEALTHCHECK, so the image needs no curl.
+    Healthcheck {
+        /// Check this URL instead.
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Manage the on-chain contracts.
     Contracts {
         #[command(subcommand)]
@@ -217,6 +224,24 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             ops_state.close().await;
             Ok(())
         }
+        Command::Healthcheck { url } => {
+            let settings = load(&cli)?;
+            let targets = match url {
+                Some(u) => vec![u.clone()],
+                None => vec![
+                    format!("http://127.0.0.1:{}/health", settings.ops.port),
+                    format!("http://127.0.0.1:{}/health", settings.api.port),
+                ],
+            };
+            let mut errors = Vec::new();
+            for t in &targets {
+                match health_ok(t).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => errors.push(format!("{t}: {e}")),
+                }
+            }
+            anyhow::bail!("unhealthy: {}", errors.join("; "))
+        }
         Command::Contracts {
             command: ContractsCommand::Deploy { registrar },
         } => {
@@ -352,6 +377,16 @@ impl Ops {
         let _ = self.task.await;
         self.state.close().await;
     }
+}
+
+/// `GET url` answered 200 within 2 s.
+async fn health_ok(url: &str) -> anyhow::Result<()> {
+    let http = alloy::transports::http::reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let r = http.get(url).send().await?;
+    anyhow::ensure!(r.status().is_success(), "answered {}", r.status());
+    Ok(())
 }
 
 async fn connect(settings: &Settings) -> anyhow::Result<fred::prelude::Client> {

@@ -184,6 +184,10 @@ pub struct ChainSettings {
     pub replacement_bump_percent: u64,
 }
 
+fn default_model_cache() -> u64 {
+    10
+}
+
 fn default_replace_after() -> u64 {
     60
 }
@@ -321,6 +325,9 @@ pub struct MlflowSettings {
     #[serde(serialize_with = "ser_masked_url")]
     pub url: String,
     pub timeout_ms: u64,
+    /// How long a model's facts are reused before MLflow is asked again.
+    #[serde(default = "default_model_cache")]
+    pub cache_secs: u64,
     /// Tag whose value `true` means validated.
     pub validated_tag: String,
     /// Tag holding when the model was validated (RFC 3339).

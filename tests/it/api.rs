@@ -229,6 +229,20 @@ async fn a_validated_model_is_deployed_through_the_api_and_its_status_completes(
         "{metrics}"
     );
 
+    // The image's HEALTHCHECK command finds the API's port.
+    let hc = std::process::Command::new(env!("CARGO_BIN_EXE_hokusai-deployer"))
+        .arg("healthcheck")
+        .env_clear()
+        .env("HOKUSAI__OPS__PORT", localstack::free_port().to_string())
+        .env("HOKUSAI__API__PORT", api.ops_port.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        hc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hc.stderr)
+    );
+
     // The served OpenAPI document is the committed one.
     let (code, served) = api.get("/api/openapi.json").await;
     assert_eq!(code, 200);

@@ -20,6 +20,8 @@ fn every_command_has_help() {
     for args in [
         vec!["--help"],
         vec!["run", "--help"],
+        vec!["api", "--help"],
+        vec!["healthcheck", "--help"],
         vec!["contracts", "--help"],
         vec!["contracts", "deploy", "--help"],
         vec!["local", "--help"],
@@ -44,6 +46,20 @@ fn every_command_has_help() {
             "{args:?}"
         );
     }
+}
+
+#[test]
+fn healthcheck_fails_when_nothing_answers() {
+    let port = hokusai_deployer::localstack::free_port().to_string();
+    let out = run(
+        &["healthcheck"],
+        &[
+            ("HOKUSAI__OPS__PORT", port.as_str()),
+            ("HOKUSAI__API__PORT", port.as_str()),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unhealthy"));
 }
 
 #[test]
