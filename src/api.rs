@@ -883,19 +883,14 @@ async fn queue_deployment(
     };
 
     // No token yet: not in our journal, not in the registry, not being deployed.
-    let entry = state
-        .journal
-        .load(&req.model_id)
-        .await
-        .map_err(|e| ApiError::upstream("redis", e))?;
+    let registry = ModelRegistry::new(state.registry, &state.provider);
+    let get_token = registry.getToken(req.model_id.clone());
+    let (entry, registered) = tokio::join!(state.journal.load(&req.model_id), get_token.call());
+    let entry = entry.map_err(|e| ApiError::upstream("redis", e))?;
     if let (Some(_), Some(token)) = (&entry.event, entry.token_address) {
         return Err(token_exists(&req.model_id, Some(token)));
     }
-    let registered = ModelRegistry::new(state.registry, &state.provider)
-        .getToken(req.model_id.clone())
-        .call()
-        .await
-        .map_err(|e| ApiError::upstream("the chain's RPC", e))?;
+    let registered = registered.map_err(|e| ApiError::upstream("the chain's RPC", e))?;
     if registered != Address::ZERO {
         return Err(token_exists(&req.model_id, Some(registered)));
     }

@@ -455,21 +455,12 @@ impl Chain {
                 .await
                 .map_err(|e| SendError::Chain(e.into()))?,
         };
-        let mut tx = self
+        let tx = self
             .request(call)
             .with_nonce(nonce)
             .with_gas_limit(gas)
             .with_chain_id(self.chain_id);
-        tx = match fees {
-            Fees::Eip1559 { max_fee, priority } => tx
-                .with_max_fee_per_gas(max_fee)
-                .with_max_priority_fee_per_gas(priority),
-            Fees::Legacy { gas_price } => tx.with_gas_price(gas_price),
-        };
-        let envelope = tx
-            .build(&self.wallet)
-            .await
-            .map_err(|e| SendError::Chain(ChainError::Sign(e.to_string())))?;
+        let envelope = self.sign(tx, fees).await.map_err(SendError::Chain)?;
         let signed = Signed {
             record: TxRecord {
                 signer: self.signer,
@@ -497,6 +488,19 @@ impl Chain {
             }
             Err(e) => Err(SendError::Chain(e)),
         }
+    }
+
+    /// Signs a transaction with these fees, locally.
+    async fn sign(&self, tx: TransactionRequest, fees: Fees) -> Result<TxEnvelope, ChainError> {
+        let tx = match fees {
+            Fees::Eip1559 { max_fee, priority } => tx
+                .with_max_fee_per_gas(max_fee)
+                .with_max_priority_fee_per_gas(priority),
+            Fees::Legacy { gas_price } => tx.with_gas_price(gas_price),
+        };
+        tx.build(&self.wallet)
+            .await
+            .map_err(|e| ChainError::Sign(e.to_string()))
     }
 
     /// Sends signed bytes; a node that already has them is success, not an error.
@@ -668,17 +672,8 @@ impl Chain {
         let Some(fees) = replacement_fees(&old, market, self.bump_percent, self.fee_cap) else {
             return Ok(None);
         };
-        let mut tx = TransactionRequest::from_transaction(old).with_from(self.signer);
-        tx = match fees {
-            Fees::Eip1559 { max_fee, priority } => tx
-                .with_max_fee_per_gas(max_fee)
-                .with_max_priority_fee_per_gas(priority),
-            Fees::Legacy { gas_price } => tx.with_gas_price(gas_price),
-        };
-        let envelope = tx
-            .build(&self.wallet)
-            .await
-            .map_err(|e| SendError::Chain(ChainError::Sign(e.to_string())))?;
+        let tx = TransactionRequest::from_transaction(old).with_from(self.signer);
+        let envelope = self.sign(tx, fees).await.map_err(SendError::Chain)?;
         let mut replaced = rec.replaced.clone();
         replaced.push(rec.hash);
         let new = TxRecord {
