@@ -98,6 +98,28 @@ impl Serialize for Secret {
     }
 }
 
+/// A key file anyone on the machine can read (or write) is refused: the key spends real money.
+/// Group access is allowed, as Kubernetes gives it to secret volumes with an `fsGroup`.
+fn refuse_world_access(path: &Path, key: &'static str) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::File {
+        key,
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o007 != 0 {
+        return Err(invalid(
+            key,
+            format!(
+                "{} is accessible to every user (mode {mode:o}); `chmod o-rwx` it (0600 or 0400)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Replaces the user-info part and any query string of a URL so it can be logged.
 pub fn mask_url(raw: &str) -> String {
     match url::Url::parse(raw) {
@@ -587,6 +609,7 @@ impl Settings {
         let text = if let Some(k) = &self.chain.private_key {
             k.expose().replace(',', "\n")
         } else if let Some(path) = &self.chain.private_key_file {
+            refuse_world_access(path, "chain.private_key_file")?;
             std::fs::read_to_string(path).map_err(|source| ConfigError::File {
                 key: "chain.private_key_file",
                 path: path.clone(),
@@ -657,6 +680,30 @@ fn split_list(v: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, format!("{}\n", crate::localstack::ANVIL_DEV_KEY)).unwrap();
+        let p = path.to_str().unwrap();
+        for (mode, ok) in [
+            (0o600, true),
+            (0o400, true),
+            (0o640, true),
+            (0o644, false),
+            (0o606, false),
+        ] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let s = load(&[("HOKUSAI__CHAIN__PRIVATE_KEY_FILE", p)]).unwrap();
+            let r = s.private_keys();
+            assert_eq!(r.is_ok(), ok, "mode {mode:o}: {r:?}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("chain.private_key_file"), "{e}");
+            }
+        }
+    }
 
     fn load(env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         Settings::load(Sources {

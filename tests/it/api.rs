@@ -562,3 +562,79 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     assert!(!report.contains("Authentication failed"), "{report}");
     let _ = model;
 }
+
+/// A full run (a queued message and an API deployment, through an RPC URL with credentials, a
+/// dead one among them) leaves no secret in the logs, events, audit trail, status, health
+/// pages or metrics: not the deployer key, the RPC password, the JWT secret or a service key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_appears_in_logs_events_health_or_metrics() {
+    let stack = Stack::start().await;
+    let model = seed_model(&unique("api_leak"), true).await;
+    const RPC_PASSWORD: &str = "rpc-pass-7f3a9c";
+    const SERVICE_KEY: &str = "svc-key-0b1e55ed-4242";
+    let dead = localstack::free_port();
+    let rpc = format!(
+        "http://deployer:{RPC_PASSWORD}@127.0.0.1:{dead},http://deployer:{RPC_PASSWORD}@127.0.0.1:{}",
+        stack.anvil.port
+    );
+    let env = [
+        ("HOKUSAI__CHAIN__RPC_URLS", rpc.as_str()),
+        ("HOKUSAI__API__API_KEYS", SERVICE_KEY),
+    ];
+    let worker = stack.daemon("leak-worker", &env, &[]);
+    let api = stack.api("leak-api", mlflow().await, &env);
+    ready(&api).await;
+    stack
+        .push(&crate::harness::model_message(
+            "leak-1",
+            "leak_queue_model",
+            "leak",
+        ))
+        .await;
+    let token = jwt(OWNER, OWNER_ADDRESS);
+    let a = post(&api, Some(&token), request(&model), &[]).await;
+    assert_eq!(a.status, 202, "{}", a.body);
+    let id = a.body["deployment_id"].as_str().unwrap().to_owned();
+    let status = until_status(&api, &token, &id, |v| v["status"] == "completed").await;
+    let mut seen = vec![status.to_string(), a.body.to_string()];
+    for d in [&worker, &api] {
+        for path in ["/health", "/health/ready", "/health/detailed", "/metrics"] {
+            seen.push(d.get(path).await.1);
+        }
+    }
+    let events: Vec<String> = stack
+        .client
+        .lrange("hokusai:token_deployed_queue", 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 2, "both deployments published");
+    seen.extend(events);
+    let audit: Vec<(String, std::collections::HashMap<String, String>)> = stack
+        .client
+        .xrange("hokusai:deployer:audit", "-", "+", None)
+        .await
+        .unwrap();
+    seen.extend(audit.into_iter().map(|(_, f)| format!("{f:?}")));
+    let mut worker = worker;
+    let mut api = api;
+    worker.sigterm(Duration::from_secs(30)).await;
+    api.sigterm(Duration::from_secs(30)).await;
+    for name in ["leak-worker", "leak-api"] {
+        seen.push(std::fs::read_to_string(crate::harness::log_path(name)).unwrap());
+    }
+    let all = seen.join("\n");
+    // The URLs are shown (health, config), their credentials masked.
+    assert!(
+        all.contains("http://***@127.0.0.1"),
+        "masked RPC URLs are shown"
+    );
+    let key = localstack::ANVIL_DEV_KEY.trim_start_matches("0x");
+    for (what, secret) in [
+        ("the deployer key", key),
+        ("the RPC password", RPC_PASSWORD),
+        ("the JWT secret", JWT_SECRET),
+        ("a service key", SERVICE_KEY),
+    ] {
+        assert!(!all.contains(secret), "{what} leaked into the output");
+    }
+}
