@@ -939,3 +939,135 @@ mod tests {
         assert_eq!(serde_json::from_str::<DeadLetter>(&s).unwrap(), d);
     }
 }
+
+/// Property tests: whatever arrives, parsing ends in a message or a rejection that names a
+/// field and a rule; never a panic. On-chain names and symbols are plain ASCII by policy, so
+/// look-alike letters, zero-width and other invisible characters cannot spoof another token.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SAMPLE: &str = include_str!("../tests/data/producer-envelope.json");
+
+    fn rules() -> Rules {
+        Rules {
+            max_message_bytes: 65_536,
+            min_improvement_percentage: 0.0,
+        }
+    }
+
+    fn rejected_well(r: &Rejection) -> bool {
+        !r.code.is_empty() && !r.field.is_empty() && !r.rule.is_empty() && !r.message.is_empty()
+    }
+
+    /// Any JSON value, nested a few levels, with strings of any characters and extreme numbers.
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>()
+                .prop_filter("JSON has no NaN or infinity", |f| f.is_finite())
+                .prop_map(serde_json::Value::from),
+            any::<String>().prop_map(serde_json::Value::from),
+            "[a-zA-Z0-9 ._-]{0,40}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                prop::collection::btree_map("[a-z_]{1,12}", inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn payload_keys() -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+        v["payload"].as_object().unwrap().keys().cloned().collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(raw in prop::collection::vec(any::<u8>(), 0..2048)) {
+            if let Err(r) = parse(&raw, &rules()) {
+                prop_assert!(rejected_well(&r), "{r:?}");
+            }
+        }
+
+        #[test]
+        fn any_value_in_any_payload_field_is_accepted_or_named(
+            key in prop::sample::select(payload_keys()),
+            value in json_value(),
+        ) {
+            let mut v: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+            v["payload"][&key] = value;
+            let raw = v.to_string();
+            if let Err(r) = parse(raw.as_bytes(), &rules()) {
+                prop_assert!(rejected_well(&r), "{r:?}");
+            }
+        }
+
+        #[test]
+        fn any_envelope_field_value_is_accepted_or_named(
+            key in prop::sample::select(vec!["message_id", "message_type", "timestamp", "retry_count", "max_retries", "payload"]),
+            value in json_value(),
+        ) {
+            let mut v: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+            v[key] = value;
+            if let Err(r) = parse(v.to_string().as_bytes(), &rules()) {
+                prop_assert!(rejected_well(&r), "{r:?}");
+            }
+        }
+
+        #[test]
+        fn plain_symbols_pass_and_anything_else_is_refused(
+            symbol in "[A-Za-z0-9]{1,8}(-[A-Za-z0-9]{1,8}){0,2}",
+            intruder in prop::sample::select(vec!['\u{200B}', '\u{00A0}', '\u{0410}', '\u{FF21}', '\u{202E}', ' ', '\t', '\u{0}', '_', '.']),
+            at in 0usize..8,
+        ) {
+            let with = |s: &str| {
+                let mut v: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+                v["payload"]["token_symbol"] = s.into();
+                parse(v.to_string().as_bytes(), &rules())
+            };
+            prop_assert!(with(&symbol).is_ok());
+            let mut spoof: Vec<char> = symbol.chars().collect();
+            spoof.insert(at.min(spoof.len()), intruder);
+            let spoof: String = spoof.into_iter().collect();
+            let r = with(&spoof).unwrap_err();
+            prop_assert_eq!(r.field.as_str(), "token_symbol");
+        }
+
+        #[test]
+        fn token_names_with_invisible_or_look_alike_characters_are_refused(
+            name in "[A-Za-z0-9]{1,12}( [A-Za-z0-9]{1,12}){0,2}",
+            intruder in prop::sample::select(vec!['\u{200B}', '\u{200D}', '\u{00A0}', '\u{0430}', '\u{2024}', '\u{FEFF}', '\u{202E}', '\n']),
+        ) {
+            let with = |s: &str| {
+                let mut v: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+                v["payload"]["token_name"] = s.into();
+                parse(v.to_string().as_bytes(), &rules())
+            };
+            prop_assert!(with(&name).is_ok());
+            let r = with(&format!("{name}{intruder}x")).unwrap_err();
+            prop_assert_eq!(r.field.as_str(), "token_name");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_a_rejection_not_a_stack_overflow() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let r = parse(
+            deep.as_bytes(),
+            &Rules {
+                max_message_bytes: 1 << 20,
+                min_improvement_percentage: 0.0,
+            },
+        )
+        .unwrap_err();
+        assert!(rejected_well(&r), "{r:?}");
+    }
+}
