@@ -204,6 +204,13 @@ pub struct ChainSettings {
     /// How much a replacement raises both fees, in percent (nodes want at least 10-12.5).
     #[serde(default = "default_replacement_bump")]
     pub replacement_bump_percent: u64,
+    /// Under this balance (ether) readiness warns (`balance: low`); deployments go on.
+    #[serde(default = "default_min_balance")]
+    pub min_balance_eth: f64,
+}
+
+fn default_min_balance() -> f64 {
+    0.1
 }
 
 fn default_model_cache() -> u64 {

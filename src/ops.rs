@@ -138,8 +138,9 @@ impl Component {
             info: Default::default(),
         }
     }
+    /// Up, or a warning (`low`) that does not take the process out of service.
     fn is_up(&self) -> bool {
-        self.status == "up"
+        self.status == "up" || self.status == "low"
     }
 }
 
@@ -259,6 +260,9 @@ impl OpsState {
         if let Some(w) = self.worker_component() {
             components.push(("worker", w));
         }
+        if let Some(b) = self.balance_component().await {
+            components.push(("balance", b));
+        }
         let ok = components.iter().all(|(_, c)| c.is_up());
         let map = components
             .into_iter()
@@ -267,21 +271,43 @@ impl OpsState {
         (ok, map)
     }
 
-    /// Sets the balance gauge of the signer this process leased, if it has one yet.
-    async fn balance(&self) {
+    /// The balance of the signer this process leased (if it has one yet), in ether; sets the
+    /// balance gauge.
+    async fn balance(&self) -> Option<f64> {
         let signer = self
             .worker
             .as_ref()
-            .and_then(|w| w.signer()?.parse::<Address>().ok());
-        let (Some(p), Some(signer)) = (&self.provider, signer) else {
-            return;
-        };
-        if let Ok(Ok(wei)) = tokio::time::timeout(self.timeout, p.get_balance(signer)).await {
-            let eth: f64 = alloy::primitives::utils::format_ether(wei)
-                .parse()
-                .unwrap_or(0.0);
-            metrics::gauge!(names::BALANCE).set(eth);
-        }
+            .and_then(|w| w.signer()?.parse::<Address>().ok())?;
+        let p = self.provider.as_ref()?;
+        let wei = tokio::time::timeout(self.timeout, p.get_balance(signer))
+            .await
+            .ok()?
+            .ok()?;
+        let eth: f64 = alloy::primitives::utils::format_ether(wei)
+            .parse()
+            .unwrap_or(0.0);
+        metrics::gauge!(names::BALANCE).set(eth);
+        Some(eth)
+    }
+
+    /// `low` under `chain.min_balance_eth`: a warning before deployments fail for want of gas,
+    /// not a reason to stop serving.
+    async fn balance_component(&self) -> Option<Component> {
+        let eth = self.balance().await?;
+        let min = self.settings.chain.min_balance_eth;
+        let mut info = serde_json::Map::new();
+        info.insert("balance_eth".into(), eth.into());
+        info.insert("min_balance_eth".into(), min.into());
+        Some(Component {
+            status: if eth < min { "low" } else { "up" },
+            latency_ms: None,
+            error: (eth < min).then(|| {
+                format!(
+                    "the deployer holds {eth} ETH, under chain.min_balance_eth = {min}: fund it"
+                )
+            }),
+            info,
+        })
     }
 
     async fn stats(&self) -> Option<Stats> {

@@ -445,3 +445,42 @@ async fn pause_stops_new_work_within_a_second_and_resume_restarts_it() {
     assert!(v["paused"].is_null());
     assert!(d.sigterm(Duration::from_secs(30)).await.success());
 }
+
+/// A deployer balance under `chain.min_balance_eth` is a readiness warning (`balance: low`,
+/// still 200, the reason given) and the balance gauge, before any deployment fails for gas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_deployer_balance_warns_in_readiness_and_metrics() {
+    let stack = Stack::start().await;
+    // anvil's dev account holds 10,000 ETH (less the bootstrap's gas): under a million.
+    let mut d = stack.daemon(
+        "low-balance",
+        &[("HOKUSAI__CHAIN__MIN_BALANCE_ETH", "1000000")],
+        &[],
+    );
+    let (code, ready) = d
+        .until(
+            "/health/ready",
+            "the balance warning on a running worker",
+            |_, v| {
+                v["components"]["balance"]["status"] == "low"
+                    && v["components"]["worker"]["status"] == "up"
+            },
+        )
+        .await;
+    assert_eq!(code, 200, "a warning, not out of service: {ready}");
+    assert_eq!(ready["status"], "ready");
+    let why = ready["components"]["balance"]["error"].as_str().unwrap();
+    assert!(why.contains("chain.min_balance_eth"), "{why}");
+    let eth = ready["components"]["balance"]["balance_eth"]
+        .as_f64()
+        .unwrap();
+    assert!(eth > 9_000.0 && eth < 10_000.0, "{eth}");
+    let (_, metrics) = d.get("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("hokusai_deployer_balance_eth ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    d.sigterm(Duration::from_secs(30)).await;
+}
