@@ -34,6 +34,8 @@ pub struct OpsState {
     started: Instant,
     metrics: Option<PrometheusHandle>,
     worker: Option<Arc<WorkerStatus>>,
+    /// The API process's model source, probed for readiness.
+    mlflow: Option<crate::mlflow::Mlflow>,
     timeout: Duration,
 }
 
@@ -43,6 +45,24 @@ impl OpsState {
         settings: &Settings,
         metrics: Option<PrometheusHandle>,
         worker: Option<Arc<WorkerStatus>>,
+    ) -> anyhow::Result<Arc<OpsState>> {
+        Self::build(settings, metrics, worker, None)
+    }
+
+    /// The API process's state: readiness also asks MLflow (`mlflow` component).
+    pub fn for_api(
+        settings: &Settings,
+        metrics: Option<PrometheusHandle>,
+    ) -> anyhow::Result<Arc<OpsState>> {
+        let mlflow = crate::mlflow::Mlflow::new(&settings.api.mlflow)?;
+        Self::build(settings, metrics, None, Some(mlflow))
+    }
+
+    fn build(
+        settings: &Settings,
+        metrics: Option<PrometheusHandle>,
+        worker: Option<Arc<WorkerStatus>>,
+        mlflow: Option<crate::mlflow::Mlflow>,
     ) -> anyhow::Result<Arc<OpsState>> {
         let redis = crate::queue::client(settings)?;
         redis.connect();
@@ -55,6 +75,7 @@ impl OpsState {
             started: Instant::now(),
             metrics,
             worker,
+            mlflow,
             timeout: Duration::from_millis(settings.ops.probe_timeout_ms),
         }))
     }
@@ -180,6 +201,17 @@ impl OpsState {
         s
     }
 
+    async fn mlflow_probe(&self) -> Option<Component> {
+        let m = self.mlflow.as_ref()?;
+        Some(
+            self.probe("mlflow", async {
+                m.ping().await?;
+                Ok::<_, crate::mlflow::MlflowError>(Default::default())
+            })
+            .await,
+        )
+    }
+
     async fn redis_probe(&self) -> Component {
         self.probe("redis", async {
             let _: String = self.redis.ping(None).await?;
@@ -251,12 +283,16 @@ impl OpsState {
     }
 
     async fn readiness(&self) -> (bool, serde_json::Map<String, Json_>) {
-        let (redis, chain, registry) = tokio::join!(
+        let (redis, chain, registry, mlflow) = tokio::join!(
             self.redis_probe(),
             self.chain_probe(),
-            self.registry_probe()
+            self.registry_probe(),
+            self.mlflow_probe()
         );
         let mut components = vec![("redis", redis), ("chain", chain), ("registry", registry)];
+        if let Some(m) = mlflow {
+            components.push(("mlflow", m));
+        }
         if let Some(w) = self.worker_component() {
             components.push(("worker", w));
         }

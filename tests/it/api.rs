@@ -170,6 +170,8 @@ async fn a_validated_model_is_deployed_through_the_api_and_its_status_completes(
     let model = seed_model(&unique("api_e2e"), true).await;
     let api = stack.api("api-e2e", mlflow().await, &[]);
     ready(&api).await;
+    let (_, r) = api.get_json("/health/ready").await;
+    assert_eq!(r["components"]["mlflow"]["status"], "up", "{r}");
     let worker = stack.worker(&[]);
     let token = jwt(OWNER, OWNER_ADDRESS);
 
@@ -437,6 +439,26 @@ async fn every_refusal_carries_the_seed_error_code() {
     let a = post(&api, Some(&token), request(&another), &[]).await;
     assert_eq!(a.status, 202, "{}", a.body);
     assert_eq!(a.headers["x-ratelimit-remaining"], "4");
+
+    // MLflow down: the API is not ready, and a deployment request says which upstream failed.
+    let no_mlflow = stack.api(
+        "api-no-mlflow",
+        &format!("http://127.0.0.1:{}", localstack::free_port()),
+        &[],
+    );
+    let (_, r) = no_mlflow
+        .until("/health/ready", "mlflow down", |code, v| {
+            code == 503 && v["components"]["mlflow"]["status"] == "down"
+        })
+        .await;
+    assert_eq!(r["components"]["redis"]["status"], "up", "{r}");
+    let later = seed_model(&unique("api_later"), true).await;
+    let a = post(&no_mlflow, Some(&token), request(&later), &[]).await;
+    expect(&a, 503, "UPSTREAM_UNAVAILABLE");
+    assert!(a.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("MLflow"));
 
     // Too large a body.
     let big = json!({ "model_id": "x".repeat(20_000), "user_address": OWNER_ADDRESS });
