@@ -49,7 +49,7 @@ test: tools
 	$(CARGO) test --locked --all-targets
 
 ## Quick start: a local stack with the sample message processed; Ctrl-C stops it all.
-run-local: tools
+run-local: redis-server node-tools
 	$(CARGO) run --locked -- local
 
 lint:

@@ -17,15 +17,12 @@ use hokusai_deployer::config::{Secret, Settings, Sources};
 use hokusai_deployer::{chain, localstack};
 use jsonwebtoken::{encode, EncodingKey, Header};
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{env_or, pct, usage};
+
 const SECRET: &str = "bench-secret-0123456789-0123456789-abc";
 const ADDRESS: &str = "0x742d35Cc6634C0532925a3b844Bc9e7595f82b3d";
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 const STRANGER: &str = "0x000000000000000000000000000000000000dEaD";
 
@@ -41,17 +38,6 @@ fn token_for(sub: &str, address: &str) -> String {
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .expect("signs")
-}
-
-fn peak_rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
 }
 
 /// Runs `n` requests over `connections` workers; returns sorted latencies (ms) and wall time.
@@ -85,10 +71,6 @@ where
     }
     all.sort_by(f64::total_cmp);
     (all, started.elapsed().as_secs_f64())
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn report(what: &str, lat: &[f64], wall: f64) {
@@ -154,16 +136,7 @@ async fn main() -> anyhow::Result<()> {
         ("HOKUSAI__API__MLFLOW__CACHE_SECS".into(), "3600".into()),
         ("HOKUSAI__LOG__LEVEL".into(), "warn".into()),
     ]);
-    let mut api = tokio::process::Command::new(env!("CARGO_BIN_EXE_hokusai-deployer"))
-        .arg("api")
-        .env_clear()
-        .envs(env)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(
-            std::env::temp_dir().join("hokusai-bench-api.log"),
-        )?)
-        .kill_on_drop(true)
-        .spawn()?;
+    let mut api = common::spawn("api", env, "api")?;
     let pid = api.id().expect("running");
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::builder()
@@ -259,7 +232,7 @@ async fn main() -> anyhow::Result<()> {
         })
         .await
     };
-    let rss = peak_rss(pid);
+    let rss = usage(pid).0;
     let _ = api.kill().await;
     println!("connections            {connections}");
     report("POST, MLflow cold (403)", &cold_lat, cold_wall);

@@ -17,12 +17,9 @@ use fred::prelude::*;
 use hokusai_deployer::config::{Secret, Settings, Sources};
 use hokusai_deployer::{chain, localstack};
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+#[path = "common/mod.rs"]
+mod common;
+use common::{env_or, pct, usage};
 
 fn message(i: usize) -> String {
     let mut v: serde_json::Value =
@@ -31,31 +28,6 @@ fn message(i: usize) -> String {
     v["payload"]["model_id"] = format!("bench_{i}").into();
     v["payload"]["token_symbol"] = format!("b-{i}").into();
     v.to_string()
-}
-
-/// (peak RSS bytes, CPU seconds) of a live process, from /proc.
-fn usage(pid: u32) -> (u64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at ") ".
-    let rest: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        rest.get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of stat (11 and 12 after the name), in clock ticks.
-    (hwm, (ticks(11) + ticks(12)) / 100.0)
 }
 
 const QUEUE: &str = "hokusai:model_ready_queue";
@@ -111,10 +83,6 @@ async fn collect(
     }
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     if !std::env::args().any(|a| a == "--bench") {
@@ -158,18 +126,7 @@ async fn main() -> anyhow::Result<()> {
         ("HOKUSAI__LOG__LEVEL".into(), "info".into()),
         ("HOKUSAI__LOG__FORMAT".into(), "json".into()),
     ]);
-    // Any HOKUSAI__* variable of the bench's own environment tunes the daemon further.
-    env.extend(std::env::vars().filter(|(k, _)| k.starts_with("HOKUSAI__")));
-    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_hokusai-deployer"))
-        .arg("run")
-        .env_clear()
-        .envs(env)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(
-            std::env::temp_dir().join("hokusai-bench-daemon.log"),
-        )?)
-        .kill_on_drop(true)
-        .spawn()?;
+    let mut daemon = common::spawn("run", env, "daemon")?;
     let pid = daemon.id().expect("running");
 
     let client = hokusai_deployer::queue::client(&settings)?;

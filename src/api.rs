@@ -214,10 +214,8 @@ impl IntoResponse for ApiError {
 #[derive(Debug, Clone, Default)]
 struct Estimates {
     deploy_gas: u64,
-    /// Max fee per gas we would sign now (wei).
-    max_fee: u128,
-    /// Base fee + priority fee now (wei): above the cap, deployments wait.
-    needed: u128,
+    /// What the network asks per gas, as a worker would read it.
+    market: Option<chain::Market>,
     block_time_secs: f64,
 }
 
@@ -278,7 +276,8 @@ impl ApiState {
             alloy::rpc::types::TransactionRequest::default().with_deploy_code(code)
         };
         let gas = self.provider.estimate_gas(deploy).await;
-        let fees = self.provider.estimate_eip1559_fees().await;
+        let market =
+            chain::Market::read(&self.provider, self.settings.chain.priority_fee_wei()).await;
         let head = self.provider.get_block_number().await;
         let block_time = match head {
             Ok(h) if h > 10 => {
@@ -295,37 +294,12 @@ impl ApiState {
             }
             _ => 12.0,
         };
-        let legacy = match fees {
-            Ok(_) => None,
-            Err(_) => self.provider.get_gas_price().await.ok(),
-        };
-        let margin = self.settings.chain.gas_limit_margin_percent;
         let mut e = self.estimates.write().expect("never poisoned");
         if let Ok(g) = gas {
-            e.deploy_gas = g + g * margin / 100;
+            e.deploy_gas = chain::with_margin(g, self.settings.chain.gas_limit_margin_percent);
         }
-        match fees {
-            Ok(f) => {
-                let priority = match self.settings.chain.priority_fee_gwei {
-                    Some(g) => (g * 1e9) as u128,
-                    None => f.max_priority_fee_per_gas,
-                };
-                let base = f.max_fee_per_gas.saturating_sub(f.max_priority_fee_per_gas) / 2;
-                let cap = self
-                    .settings
-                    .chain
-                    .max_fee_per_gas_gwei
-                    .map(|g| (g * 1e9) as u128)
-                    .unwrap_or(u128::MAX);
-                e.max_fee = (2 * base + priority).min(cap);
-                e.needed = base + priority;
-            }
-            Err(_) => {
-                if let Some(p) = legacy {
-                    e.max_fee = p;
-                    e.needed = p;
-                }
-            }
+        if let Ok(m) = market {
+            e.market = Some(m);
         }
         e.block_time_secs = block_time.max(0.1);
     }
@@ -897,19 +871,22 @@ async fn queue_deployment(
     claim_model(state, &req.model_id, deployment_id).await?;
 
     let est = state.estimates.read().expect("never poisoned").clone();
-    if let Some(cap) = state.settings.chain.max_fee_per_gas_gwei {
-        if est.needed as f64 > cap * 1e9 {
+    // The fees a worker would sign now, under the same cap: above it, nothing would be sent.
+    let max_fee = match est
+        .market
+        .map(|m| m.fees(state.settings.chain.fee_cap_wei()))
+    {
+        Some(Ok(fees)) => fees.max_fee_per_gas(),
+        Some(Err(e)) => {
             release_model(state, &req.model_id, deployment_id).await;
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "INSUFFICIENT_GAS",
-                format!(
-                    "network fees ({:.2} gwei per gas) are above the cap of {cap} gwei; try again later",
-                    est.needed as f64 / 1e9
-                ),
+                format!("{e}; try again later"),
             ));
         }
-    }
+        None => 0,
+    };
 
     // The same message the ML platform would send, validated by the same rules.
     let now = message::rfc3339(chrono::Utc::now());
@@ -968,7 +945,7 @@ async fn queue_deployment(
         deployment_id: deployment_id.to_owned(),
         model_id: req.model_id.clone(),
         estimated_confirmation_time: (est.block_time_secs * 2.0).ceil().max(1.0) as u64,
-        estimated_gas_cost: (u128::from(per_model_gas) * est.max_fee).to_string(),
+        estimated_gas_cost: (u128::from(per_model_gas) * max_fee).to_string(),
         status_url: format!(
             "{}/api/deployments/{deployment_id}/status",
             state.settings.api.public_url.trim_end_matches('/')

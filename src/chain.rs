@@ -295,9 +295,83 @@ pub struct Chain {
 
 /// What the network asks per gas right now.
 #[derive(Debug, Clone, Copy)]
-enum Market {
+pub enum Market {
     Eip1559 { base: u128, priority: u128 },
     Legacy { gas_price: u128 },
+}
+
+impl Market {
+    /// Base fee and priority fee (`priority_fee` in wei, else the 20th percentile of recent
+    /// tips from `eth_feeHistory`), or the legacy gas price on chains without a base fee.
+    pub async fn read(
+        provider: &DynProvider,
+        priority_fee: Option<u128>,
+    ) -> Result<Market, ChainError> {
+        Ok(match priority_fee {
+            Some(priority) => {
+                let latest = provider
+                    .get_block_by_number(alloy::eips::BlockNumberOrTag::Latest)
+                    .await?;
+                match latest.and_then(|b| b.header.base_fee_per_gas) {
+                    Some(base) => Market::Eip1559 {
+                        base: u128::from(base),
+                        priority,
+                    },
+                    None => Market::Legacy {
+                        gas_price: provider.get_gas_price().await?,
+                    },
+                }
+            }
+            None => match provider.estimate_eip1559_fees().await {
+                // alloy's estimate is 2 x base fee + priority fee.
+                Ok(f) => Market::Eip1559 {
+                    base: f.max_fee_per_gas.saturating_sub(f.max_priority_fee_per_gas) / 2,
+                    priority: f.max_priority_fee_per_gas,
+                },
+                // A chain without EIP-1559 has no base fee: price the legacy way.
+                Err(_) => Market::Legacy {
+                    gas_price: provider.get_gas_price().await?,
+                },
+            },
+        })
+    }
+
+    /// The base fee (the gas price on legacy chains).
+    pub fn base(self) -> u128 {
+        match self {
+            Market::Eip1559 { base, .. } => base,
+            Market::Legacy { gas_price } => gas_price,
+        }
+    }
+
+    /// Fees for a new transaction: max fee = 2 x base fee + priority fee (room for six full
+    /// blocks of base fee rises). Under `cap` the max fee is lowered to the cap while base fee
+    /// plus priority fee still fit; otherwise [`ChainError::FeeAboveCap`].
+    pub fn fees(self, cap: Option<u128>) -> Result<Fees, ChainError> {
+        let gwei = |wei: u128| wei as f64 / 1e9;
+        match self {
+            Market::Eip1559 { base, priority } => {
+                let mut max_fee = 2 * base + priority;
+                if let Some(cap) = cap {
+                    if base + priority > cap {
+                        return Err(ChainError::FeeAboveCap {
+                            needed_gwei: gwei(base + priority),
+                            cap_gwei: gwei(cap),
+                        });
+                    }
+                    max_fee = max_fee.min(cap);
+                }
+                Ok(Fees::Eip1559 { max_fee, priority })
+            }
+            Market::Legacy { gas_price } => match cap {
+                Some(cap) if gas_price > cap => Err(ChainError::FeeAboveCap {
+                    needed_gwei: gwei(gas_price),
+                    cap_gwei: gwei(cap),
+                }),
+                _ => Ok(Fees::Legacy { gas_price }),
+            },
+        }
+    }
 }
 
 /// How waiting for a transaction ended, short of an error.
@@ -365,11 +439,8 @@ impl Chain {
             gas_margin_percent: settings.chain.gas_limit_margin_percent,
             send_lock: Mutex::new(Nonces::default()),
             head: Mutex::new(None),
-            fee_cap: settings
-                .chain
-                .max_fee_per_gas_gwei
-                .map(|g| (g * 1e9) as u128),
-            priority_fee: settings.chain.priority_fee_gwei.map(|g| (g * 1e9) as u128),
+            fee_cap: settings.chain.fee_cap_wei(),
+            priority_fee: settings.chain.priority_fee_wei(),
             market: Mutex::new(None),
             replace_after: Duration::from_secs(settings.chain.replace_after_secs),
             bump_percent: u128::from(settings.chain.replacement_bump_percent),
@@ -429,7 +500,7 @@ impl Chain {
                     ChainError::Rpc(e)
                 }
             })?;
-        Ok(gas + gas * self.gas_margin_percent / 100)
+        Ok(with_margin(gas, self.gas_margin_percent))
     }
 
     /// Signs with the next nonce, lets `journal` record it, then broadcasts, all under the send
@@ -695,9 +766,7 @@ impl Chain {
         Ok(Some(new))
     }
 
-    /// The network's fees, read at most once per head whoever asks: base fee and priority fee
-    /// (`chain.priority_fee_gwei`, else the 20th percentile of recent tips from
-    /// `eth_feeHistory`), or the legacy gas price on chains without a base fee.
+    /// The network's fees ([`Market::read`]), read at most once per head whoever asks.
     async fn market(&self) -> Result<Market, ChainError> {
         let head = self.head().await?;
         let mut cached = self.market.lock().await;
@@ -706,71 +775,21 @@ impl Chain {
                 return Ok(m);
             }
         }
-        let m = match self.priority_fee {
-            Some(priority) => {
-                let latest = self
-                    .provider
-                    .get_block_by_number(alloy::eips::BlockNumberOrTag::Latest)
-                    .await?;
-                match latest.and_then(|b| b.header.base_fee_per_gas) {
-                    Some(base) => Market::Eip1559 {
-                        base: u128::from(base),
-                        priority,
-                    },
-                    None => Market::Legacy {
-                        gas_price: self.provider.get_gas_price().await?,
-                    },
-                }
-            }
-            None => match self.provider.estimate_eip1559_fees().await {
-                // alloy's estimate is 2 x base fee + priority fee.
-                Ok(f) => Market::Eip1559 {
-                    base: f.max_fee_per_gas.saturating_sub(f.max_priority_fee_per_gas) / 2,
-                    priority: f.max_priority_fee_per_gas,
-                },
-                // A chain without EIP-1559 has no base fee: price the legacy way.
-                Err(_) => Market::Legacy {
-                    gas_price: self.provider.get_gas_price().await?,
-                },
-            },
-        };
-        let base = match m {
-            Market::Eip1559 { base, .. } => base,
-            Market::Legacy { gas_price } => gas_price,
-        };
-        metrics::gauge!(crate::telemetry::names::BASE_FEE).set(base as f64 / 1e9);
+        let m = Market::read(&self.provider, self.priority_fee).await?;
+        metrics::gauge!(crate::telemetry::names::BASE_FEE).set(m.base() as f64 / 1e9);
         *cached = Some((head, m));
         Ok(m)
     }
 
-    /// Fees for a new transaction: max fee = 2 x base fee + priority fee (room for six full
-    /// blocks of base fee rises). Under a cap the max fee is lowered to the cap while base fee
-    /// plus priority fee still fit; otherwise [`ChainError::FeeAboveCap`].
+    /// Fees for a new transaction under `chain.max_fee_per_gas_gwei` ([`Market::fees`]).
     async fn fees(&self) -> Result<Fees, ChainError> {
-        let gwei = |wei: u128| wei as f64 / 1e9;
-        match self.market().await? {
-            Market::Eip1559 { base, priority } => {
-                let mut max_fee = 2 * base + priority;
-                if let Some(cap) = self.fee_cap {
-                    if base + priority > cap {
-                        return Err(ChainError::FeeAboveCap {
-                            needed_gwei: gwei(base + priority),
-                            cap_gwei: gwei(cap),
-                        });
-                    }
-                    max_fee = max_fee.min(cap);
-                }
-                Ok(Fees::Eip1559 { max_fee, priority })
-            }
-            Market::Legacy { gas_price } => match self.fee_cap {
-                Some(cap) if gas_price > cap => Err(ChainError::FeeAboveCap {
-                    needed_gwei: gwei(gas_price),
-                    cap_gwei: gwei(cap),
-                }),
-                _ => Ok(Fees::Legacy { gas_price }),
-            },
-        }
+        self.market().await?.fees(self.fee_cap)
     }
+}
+
+/// A gas limit: the estimate plus `chain.gas_limit_margin_percent`.
+pub fn with_margin(estimate: u64, percent: u64) -> u64 {
+    estimate + estimate * percent / 100
 }
 
 /// Fees for replacing `old`: each raised by `bump_percent` (what nodes require of a
@@ -807,9 +826,19 @@ fn replacement_fees(
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Fees {
+pub enum Fees {
     Eip1559 { max_fee: u128, priority: u128 },
     Legacy { gas_price: u128 },
+}
+
+impl Fees {
+    /// The most a transaction with these fees pays per gas.
+    pub fn max_fee_per_gas(self) -> u128 {
+        match self {
+            Fees::Eip1559 { max_fee, .. } => max_fee,
+            Fees::Legacy { gas_price } => gas_price,
+        }
+    }
 }
 
 /// Failure of [`Chain::sign_and_send`]: before the journal write, or after it.

@@ -213,6 +213,18 @@ fn default_min_balance() -> f64 {
     0.1
 }
 
+impl ChainSettings {
+    /// `max_fee_per_gas_gwei` in wei.
+    pub fn fee_cap_wei(&self) -> Option<u128> {
+        self.max_fee_per_gas_gwei.map(|g| (g * 1e9) as u128)
+    }
+
+    /// `priority_fee_gwei` in wei.
+    pub fn priority_fee_wei(&self) -> Option<u128> {
+        self.priority_fee_gwei.map(|g| (g * 1e9) as u128)
+    }
+}
+
 fn default_model_cache() -> u64 {
     10
 }

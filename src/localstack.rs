@@ -58,7 +58,8 @@ pub fn free_port() -> u16 {
         .expect("binding port 0 on loopback always works")
 }
 
-/// Finds a tool: `$ENV`, then `PATH`, then `contracts/node_modules/.bin` (npm).
+/// Finds a tool: `$ENV`, then `PATH`, then what `make tools` installs in the project:
+/// `contracts/node_modules/.bin` (npm) and `.tools/venv/bin` (PyPI).
 pub fn find_tool(tool: &'static str, env: &'static str) -> Result<PathBuf, StackError> {
     if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));
@@ -72,9 +73,11 @@ pub fn find_tool(tool: &'static str, env: &'static str) -> Result<PathBuf, Stack
         }
     }
     for base in [Path::new(env!("CARGO_MANIFEST_DIR")), Path::new(".")] {
-        let p = base.join("contracts/node_modules/.bin").join(tool);
-        if p.is_file() {
-            return Ok(p);
+        for dir in ["contracts/node_modules/.bin", ".tools/venv/bin"] {
+            let p = base.join(dir).join(tool);
+            if p.is_file() {
+                return Ok(p);
+            }
         }
     }
     Err(StackError::Missing { tool, env })
@@ -169,18 +172,12 @@ pub async fn anvil(extra: &[&str]) -> Result<Service, StackError> {
     spawn_until("anvil", cmd, |l| l.starts_with("Listening on"), port).await
 }
 
-/// Starts an MLflow tracking server (`mlflow server`, from `HOKUSAI_MLFLOW`, `PATH` or
-/// `.tools/venv/bin`, installed by `make pytools`) on a free port with its store in `dir`, and
+/// Starts an MLflow tracking server (`mlflow server`, found by [`find_tool`]; `make pytools`
+/// installs it) on a free port with its store in `dir`, and
 /// returns its URL once `/health` answers. It runs in its own process group, which a watcher
 /// terminates when this process is gone (the server's uvicorn child would outlive a plain kill).
 pub async fn mlflow(dir: &Path) -> Result<String, StackError> {
-    let bin = std::env::var_os("HOKUSAI_MLFLOW")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/venv/bin/mlflow");
-            p.is_file().then_some(p)
-        })
-        .map_or_else(|| find_tool("mlflow", "HOKUSAI_MLFLOW"), Ok)?;
+    let bin = find_tool("mlflow", "HOKUSAI_MLFLOW")?;
     let port = free_port();
     let d = dir.display();
     let script = format!(

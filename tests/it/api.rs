@@ -539,7 +539,8 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     let model = seed_model(&unique("api_fuzz"), true).await;
     let api = stack.api("api-fuzz", mlflow().await, &[]);
     ready(&api).await;
-    let bin = concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/venv/bin/schemathesis");
+    let bin = localstack::find_tool("schemathesis", "HOKUSAI_SCHEMATHESIS")
+        .expect("schemathesis is installed (make pytools)");
     let out = tokio::process::Command::new(bin)
         .args([
             "--no-color",

@@ -1,0 +1,64 @@
+//! What the benchmarks share: knobs from the environment, percentiles, a child's resource use,
+//! and the real binary started as a child process.
+
+#![allow(dead_code)] // each bench uses its own subset
+
+/// `$name` as a number, or `default`.
+pub fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The `p` quantile of sorted values.
+pub fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// (peak RSS bytes, CPU seconds) of a live process, from /proc.
+pub fn usage(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        rest.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat (11 and 12 after the name), in clock ticks.
+    (hwm, (ticks(11) + ticks(12)) / 100.0)
+}
+
+/// Starts `hokusai-deployer <subcommand>` with exactly `env` (plus any `HOKUSAI__*` variable of
+/// the bench's own environment, to tune a run), its log in `<tmp>/hokusai-bench-<log>.log`.
+pub fn spawn(
+    subcommand: &str,
+    mut env: Vec<(String, String)>,
+    log: &str,
+) -> anyhow::Result<tokio::process::Child> {
+    env.extend(std::env::vars().filter(|(k, _)| k.starts_with("HOKUSAI__")));
+    Ok(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_hokusai-deployer"))
+            .arg(subcommand)
+            .env_clear()
+            .envs(env)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(
+                std::env::temp_dir().join(format!("hokusai-bench-{log}.log")),
+            )?)
+            .kill_on_drop(true)
+            .spawn()?,
+    )
+}
