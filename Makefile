@@ -6,7 +6,7 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: tools redis-server promtool node-tools pytools abi abi-check test run-local lint deploy-lint image fmt clean
+.PHONY: tools redis-server promtool node-tools pytools abi abi-check test run-local lint deny deploy-lint image fmt clean
 
 ## Install what the tests and the local stack need, when missing: redis-server and promtool
 ## (Debian), the pinned npm toolchain in contracts/ (solcjs, OpenZeppelin, anvil, cast), and
@@ -55,6 +55,18 @@ run-local: redis-server node-tools
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+## Supply chain (deny.toml): licences, banned crates, duplicate versions, crate sources.
+## cargo-deny is built once into .tools/cargo (about 3.5 min on 2 cores) unless on PATH.
+CARGO_DENY_VERSION := 0.20.2
+CARGO_DENY := $(shell command -v cargo-deny 2>/dev/null || echo .tools/cargo/bin/cargo-deny)
+
+deny: $(CARGO_DENY)
+	$(CARGO_DENY) --version
+	$(CARGO_DENY) check licenses bans sources
+
+.tools/cargo/bin/cargo-deny:
+	$(CARGO) install --locked --quiet cargo-deny@$(CARGO_DENY_VERSION) --root .tools/cargo
 
 ## Packaging lint: hadolint on the Dockerfile, kubernetes-validate --strict on every manifest,
 ## the ECS task definitions parse, the compose file parses (podman-compose config needs podman).
