@@ -19,8 +19,10 @@ pub struct Audit {
     client: Client,
     key: String,
     max_len: u64,
-    /// Who acts: a worker id, or `operator:<user>` for the CLI.
+    /// Who acts: a worker id, or `operator:<user>` for the CLI (a name the caller gives).
     actor: String,
+    /// The Redis ACL user the entry was written as: the name Redis authenticated.
+    redis_user: String,
 }
 
 /// The stream's key.
@@ -35,6 +37,11 @@ impl Audit {
             key: key(settings),
             max_len: settings.ops.audit_max_len,
             actor: actor.into(),
+            redis_user: url::Url::parse(&settings.redis.url)
+                .ok()
+                .map(|u| u.username().to_owned())
+                .filter(|u| !u.is_empty())
+                .unwrap_or_else(|| "default".into()),
         }
     }
 
@@ -43,6 +50,7 @@ impl Audit {
         let mut pairs: Vec<(String, String)> = vec![
             ("action".into(), action.into()),
             ("actor".into(), self.actor.clone()),
+            ("redis_user".into(), self.redis_user.clone()),
             ("at".into(), crate::message::rfc3339(chrono::Utc::now())),
         ];
         pairs.extend(

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use fred::prelude::*;
 use tokio_util::sync::CancellationToken;
 
+use crate::acl;
 use crate::admin::{Admin, Letter, Stats};
 use crate::config::{Secret, Settings, Sources};
 use crate::pipeline::WorkerStatus;
@@ -98,6 +99,11 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Print a Redis ACL file (`redis-server --aclfile`) with a user per role: worker, api,
+    /// operator, viewer, limited to the configured queues. Passwords come from
+    /// HOKUSAI_ACL_<ROLE>_PASSWORD and are written as SHA-256 hashes; a role without one is
+    /// written switched off.
+    RedisAcl,
 }
 
 /// Who runs an operator command, recorded in the audit trail.
@@ -265,6 +271,26 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
                 .lpush(&settings.queues.inbound, body.trim_end())
                 .await?;
             println!("pushed onto {} (length now {len})", settings.queues.inbound);
+            Ok(())
+        }
+        Command::RedisAcl => {
+            let settings = load(&cli)?;
+            for role in acl::Role::ALL {
+                let var = role.password_var();
+                if let Ok(p) = std::env::var(var) {
+                    anyhow::ensure!(
+                        p.is_empty() || p.len() >= 16,
+                        "{var}: at least 16 characters (use a generated password)"
+                    );
+                }
+            }
+            let file = acl::acl_file(&settings.queues, &|role| {
+                std::env::var(role.password_var())
+                    .ok()
+                    .filter(|p| !p.is_empty())
+                    .map(Secret::new)
+            });
+            print!("{file}");
             Ok(())
         }
         Command::CheckConfig => {

@@ -22,6 +22,7 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 /// Seed 001's variable names and the keys they set (lower precedence than `HOKUSAI__` ones).
 const SEED_ALIASES: &[(&str, &str)] = &[
     ("REDIS_URL", "redis.url"),
+    ("REDIS_PASSWORD", "redis.password"),
     ("WEB3_PROVIDER_URL", "chain.rpc_urls"),
     ("DEPLOYER_PRIVATE_KEY", "chain.private_key"),
     ("MODEL_REGISTRY_ADDRESS", "chain.model_registry_address"),
@@ -100,7 +101,7 @@ impl Serialize for Secret {
 
 /// A key file anyone on the machine can read (or write) is refused: the key spends real money.
 /// Group access is allowed, as Kubernetes gives it to secret volumes with an `fsGroup`.
-fn refuse_world_access(path: &Path, key: &'static str) -> Result<(), ConfigError> {
+pub(crate) fn refuse_world_access(path: &Path, key: &'static str) -> Result<(), ConfigError> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).map_err(|source| ConfigError::File {
         key,
@@ -158,6 +159,20 @@ pub struct RedisSettings {
     pub command_timeout_ms: u64,
     /// One BLMOVE's wait; bounds how long shutdown waits for the consumer.
     pub blocking_timeout_secs: u64,
+    /// The ACL user's password, when it should not sit in the URL (a Kubernetes or ECS
+    /// secret beside a URL in a ConfigMap); replaces the URL's password.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// `rediss://` only: PEM file of the CAs that sign the server's certificate (a private
+    /// CA); unset trusts the system's roots.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// `rediss://` only: PEM client certificate chain and key, for servers started with
+    /// `tls-auth-clients yes`. Both or neither.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -505,6 +520,22 @@ impl Settings {
         ) {
             return Err(invalid("redis.url", "scheme must be redis:// or rediss://"));
         }
+        let tls = r.scheme() == "rediss";
+        for (key, set) in [
+            ("redis.tls_ca_file", self.redis.tls_ca_file.is_some()),
+            ("redis.tls_cert_file", self.redis.tls_cert_file.is_some()),
+            ("redis.tls_key_file", self.redis.tls_key_file.is_some()),
+        ] {
+            if set && !tls {
+                return Err(invalid(key, "needs a rediss:// redis.url (TLS)"));
+            }
+        }
+        if self.redis.tls_cert_file.is_some() != self.redis.tls_key_file.is_some() {
+            return Err(invalid(
+                "redis.tls_cert_file",
+                "redis.tls_cert_file and redis.tls_key_file go together",
+            ));
+        }
         if self.redis.command_timeout_ms <= self.redis.blocking_timeout_secs * 1000 {
             return Err(invalid(
                 "redis.command_timeout_ms",
@@ -801,6 +832,25 @@ mod tests {
         for secret in ["deadbeefsecret", "hunter2", "abcdef0123456789abcdef"] {
             assert!(!json.contains(secret), "{secret} leaked in {json}");
         }
+    }
+
+    #[test]
+    fn redis_tls_files_need_rediss_and_come_in_pairs() {
+        let e = load(&[("HOKUSAI__REDIS__TLS_CA_FILE", "/ca.pem")]).unwrap_err();
+        assert!(e.to_string().contains("redis.tls_ca_file"), "{e}");
+        assert!(e.to_string().contains("rediss://"), "{e}");
+        let e = load(&[
+            ("HOKUSAI__REDIS__URL", "rediss://u@h:6380"),
+            ("HOKUSAI__REDIS__TLS_CERT_FILE", "/c.pem"),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("tls_key_file"), "{e}");
+        let s = load(&[
+            ("REDIS_URL", "rediss://hokusai-worker@h:6380"),
+            ("REDIS_PASSWORD", "hunter2-hunter2-hunter2"),
+        ])
+        .unwrap();
+        assert_eq!(s.redis.password.unwrap().expose(), "hunter2-hunter2-hunter2");
     }
 
     #[test]

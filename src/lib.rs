@@ -7,6 +7,7 @@
 //! the message ([`pipeline`]). [`config`] builds the settings; [`localstack`] starts Redis and
 //! anvil for the quick start and the tests; [`cli`] is the command line.
 
+pub mod acl;
 pub mod admin;
 pub mod api;
 pub mod audit;

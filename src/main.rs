@@ -15,6 +15,18 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            let text = format!("{e:#}");
+            if text.contains("NOPERM") {
+                eprintln!(
+                    "hint: the Redis user in redis.url may not do this; operator commands need \
+                     hokusai-operator (docs/runbook.md, \"Redis TLS and ACL users\")"
+                );
+            } else if text.contains("NOAUTH") || text.contains("WRONGPASS") {
+                eprintln!(
+                    "hint: Redis wants credentials: put the ACL user in redis.url \
+                     (rediss://user@host) and its password there or in REDIS_PASSWORD"
+                );
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -15,18 +15,21 @@ use std::time::Duration;
 use fred::prelude::*;
 use fred::types::lists::LMoveDirection;
 
-use crate::config::Settings;
+use crate::config::{RedisSettings, Settings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("redis: {0}")]
     Redis(#[from] fred::error::Error),
+    /// The TLS files of `[redis]` cannot be used; found when the client is built.
+    #[error("redis TLS: {0}")]
+    Tls(String),
 }
 
 impl QueueError {
     /// Every Redis error is an infrastructure fault: retry, never dead-letter for it.
     pub fn is_retryable(&self) -> bool {
-        true
+        matches!(self, QueueError::Redis(_))
     }
 }
 
@@ -123,7 +126,13 @@ pub fn client(settings: &Settings) -> Result<Client, QueueError> {
 }
 
 fn client_with_attempts(settings: &Settings, attempts: u32) -> Result<Client, QueueError> {
-    let config = Config::from_url(&settings.redis.url)?;
+    let mut config = Config::from_url(&settings.redis.url)?;
+    if let Some(password) = &settings.redis.password {
+        config.password = Some(password.expose().to_owned());
+    }
+    if config.tls.is_some() {
+        config.tls = Some(tls_connector(&settings.redis)?.into());
+    }
     let timeout = Duration::from_millis(settings.redis.command_timeout_ms);
     let client = Builder::from_config(config)
         .with_performance_config(|p| p.default_command_timeout = timeout)
@@ -137,6 +146,61 @@ fn client_with_attempts(settings: &Settings, attempts: u32) -> Result<Client, Qu
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
         .build()?;
     Ok(client)
+}
+
+/// The rustls client for `rediss://`: the system's roots or `tls_ca_file`'s CAs, and a client
+/// certificate when `tls_cert_file`/`tls_key_file` are set.
+fn tls_connector(redis: &RedisSettings) -> Result<fred::types::config::TlsConnector, QueueError> {
+    use fred::rustls::pki_types::pem::PemObject;
+    use fred::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use fred::rustls::{ClientConfig, RootCertStore};
+
+    let fail = |key: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
+        QueueError::Tls(format!("{key} {}: {e}", path.display()))
+    };
+    let certs = |key: &str, path: &std::path::Path| -> Result<Vec<CertificateDer<'static>>, _> {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| fail(key, path, &e))?;
+        if certs.is_empty() {
+            return Err(fail(key, path, &"no PEM certificate in it"));
+        }
+        Ok(certs)
+    };
+    let mut roots = RootCertStore::empty();
+    match &redis.tls_ca_file {
+        Some(path) => {
+            for cert in certs("redis.tls_ca_file", path)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| fail("redis.tls_ca_file", path, &e))?;
+            }
+        }
+        None => {
+            let found = fred::rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err(QueueError::Tls(
+                    "no system CA certificates found; set redis.tls_ca_file".into(),
+                ));
+            }
+        }
+    }
+    let builder = ClientConfig::builder().with_root_certificates(roots);
+    let config = match (&redis.tls_cert_file, &redis.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            crate::config::refuse_world_access(key, "redis.tls_key_file")
+                .map_err(|e| QueueError::Tls(e.to_string()))?;
+            let chain = certs("redis.tls_cert_file", cert)?;
+            let key_der = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| fail("redis.tls_key_file", key, &e))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| fail("redis.tls_cert_file", cert, &e))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(config.into())
 }
 
 impl Redis {

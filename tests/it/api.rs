@@ -16,8 +16,8 @@ use crate::harness::{Daemon, Stack};
 
 /// The HS256 secret the test API processes are configured with.
 pub const JWT_SECRET: &str = "test-secret-0123456789-0123456789-abcdef";
-const OWNER: &str = "user-1";
-const OWNER_ADDRESS: &str = "0x742d35Cc6634C0532925a3b844Bc9e7595f82b3d";
+pub(crate) const OWNER: &str = "user-1";
+pub(crate) const OWNER_ADDRESS: &str = "0x742d35Cc6634C0532925a3b844Bc9e7595f82b3d";
 const CONTRIBUTOR: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
 /// anvil's third development key: funded, but not a registrar of the test registry.
 const NOT_REGISTRAR_KEY: &str =
@@ -26,7 +26,7 @@ const NOT_REGISTRAR_KEY: &str =
 static MLFLOW: OnceCell<String> = OnceCell::const_new();
 
 /// The test binary's MLflow server, started once (it ends with the test process).
-async fn mlflow() -> &'static str {
+pub(crate) async fn mlflow() -> &'static str {
     MLFLOW
         .get_or_init(|| async {
             let dir = tempfile::tempdir().expect("temp dir").keep();
@@ -38,7 +38,7 @@ async fn mlflow() -> &'static str {
 }
 
 /// A registered model with its run and the tags of docs/api.md. Returns the model id.
-async fn seed_model(name: &str, validated: bool) -> String {
+pub(crate) async fn seed_model(name: &str, validated: bool) -> String {
     localstack::seed_model(
         mlflow().await,
         name,
@@ -51,7 +51,7 @@ async fn seed_model(name: &str, validated: bool) -> String {
     name.to_owned()
 }
 
-fn unique(prefix: &str) -> String {
+pub(crate) fn unique(prefix: &str) -> String {
     format!(
         "{prefix}_{}",
         &uuid::Uuid::new_v4().simple().to_string()[..10]
@@ -81,7 +81,7 @@ fn claims(sub: &str, address: &str) -> Value {
     })
 }
 
-fn jwt(sub: &str, address: &str) -> String {
+pub(crate) fn jwt(sub: &str, address: &str) -> String {
     jwt_with(
         claims(sub, address),
         Algorithm::HS256,
@@ -89,13 +89,18 @@ fn jwt(sub: &str, address: &str) -> String {
     )
 }
 
-struct Answer {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: Value,
+pub(crate) struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
 }
 
-async fn post(api: &Daemon, token: Option<&str>, body: Value, extra: &[(&str, &str)]) -> Answer {
+pub(crate) async fn post(
+    api: &Daemon,
+    token: Option<&str>,
+    body: Value,
+    extra: &[(&str, &str)],
+) -> Answer {
     let mut r = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{}/api/deployments", api.ops_port))
         .timeout(Duration::from_secs(10))
@@ -131,7 +136,12 @@ async fn status_of(api: &Daemon, token: &str, id: &str) -> (u16, Value) {
 }
 
 /// Polls the status until `pred` holds (the deployment runs in a worker, seconds away).
-async fn until_status(api: &Daemon, token: &str, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn until_status(
+    api: &Daemon,
+    token: &str,
+    id: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let (code, v) = status_of(api, token, id).await;
@@ -144,7 +154,7 @@ async fn until_status(api: &Daemon, token: &str, id: &str, pred: impl Fn(&Value)
     }
 }
 
-async fn ready(api: &Daemon) {
+pub(crate) async fn ready(api: &Daemon) {
     api.until("/health/ready", "the API ready", |code, _| code == 200)
         .await;
 }
@@ -160,7 +170,7 @@ fn expect(a: &Answer, status: u16, code: &str) {
     );
 }
 
-fn request(model: &str) -> Value {
+pub(crate) fn request(model: &str) -> Value {
     json!({ "model_id": model, "user_address": OWNER_ADDRESS })
 }
 

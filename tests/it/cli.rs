@@ -4,7 +4,8 @@ use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_hokusai-deployer");
 
-fn run(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+/// Runs the binary with only `PATH` and `env` in its environment.
+pub fn run(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut c = Command::new(BIN);
     c.args(args)
         .env_clear()
@@ -38,6 +39,7 @@ fn every_command_has_help() {
         vec!["resume", "--help"],
         vec!["audit", "--help"],
         vec!["audit", "tail", "--help"],
+        vec!["redis-acl", "--help"],
     ] {
         let out = run(&args, &[]);
         assert!(out.status.success(), "{args:?}");

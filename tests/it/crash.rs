@@ -176,6 +176,7 @@ async fn redis_killed_and_restarted_mid_run_loses_nothing() {
     let mut stack = Stack::start_with(StackOpts {
         anvil_args: &["--block-time", "1"],
         redis_args: &["--appendonly", "yes", "--appendfsync", "always"],
+        ..Default::default()
     })
     .await;
     let worker = stack.worker(&[("HOKUSAI__PIPELINE__MAX_RETRIES", "100")]);

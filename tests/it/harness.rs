@@ -29,6 +29,8 @@ pub struct Stack {
     pub boot: Bootstrap,
     pub client: Client,
     redis_args: Vec<String>,
+    /// Settings every Redis client of this stack gets (harness and daemons), before extras.
+    redis_env: Vec<(String, String)>,
     dir: tempfile::TempDir,
 }
 
@@ -37,6 +39,11 @@ pub struct Stack {
 pub struct StackOpts<'a> {
     pub anvil_args: &'a [&'a str],
     pub redis_args: &'a [&'a str],
+    /// Start Redis on this port (a test that must name it in `redis_args`, e.g. `--tls-port`).
+    pub redis_port: Option<u16>,
+    /// How every client reaches this Redis when a plain `redis://` URL won't do: a
+    /// `rediss://` URL with a user, TLS files.
+    pub redis_env: &'a [(&'a str, &'a str)],
 }
 
 impl Stack {
@@ -46,9 +53,15 @@ impl Stack {
 
     pub async fn start_with(opts: StackOpts<'_>) -> Stack {
         let dir = tempfile::tempdir().expect("temp dir");
-        let redis = localstack::redis(dir.path(), opts.redis_args)
+        let port = opts.redis_port.unwrap_or_else(localstack::free_port);
+        let redis = localstack::redis_on(dir.path(), port, opts.redis_args)
             .await
             .expect("redis-server must start (make tools)");
+        let redis_env: Vec<(String, String)> = opts
+            .redis_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let anvil = localstack::anvil(opts.anvil_args)
             .await
             .expect("anvil must start (make tools)");
@@ -57,7 +70,12 @@ impl Stack {
         let boot = chain::bootstrap(&base, &Secret::new(ANVIL_DEV_KEY), Some(other))
             .await
             .expect("contracts deploy on a fresh anvil");
-        let client = hokusai_deployer::queue::client(&base).expect("client");
+        let as_str: Vec<(&str, &str)> = redis_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let admin = settings_for(&redis.url("redis"), &anvil.url("http"), None, &as_str);
+        let client = hokusai_deployer::queue::client(&admin).expect("client");
         client.init().await.expect("redis answers");
         Stack {
             redis,
@@ -65,6 +83,7 @@ impl Stack {
             boot,
             client,
             redis_args: opts.redis_args.iter().map(|a| a.to_string()).collect(),
+            redis_env,
             dir,
         }
     }
@@ -94,8 +113,19 @@ impl Stack {
             &self.redis.url("redis"),
             &self.anvil.url("http"),
             Some(&self.boot),
-            extra,
+            &self.with_redis_env(extra),
         )
+    }
+
+    /// The stack's Redis settings, then `extra` (which wins).
+    fn with_redis_env<'s>(&'s self, extra: &[(&'s str, &'s str)]) -> Vec<(&'s str, &'s str)> {
+        let mut all: Vec<(&str, &str)> = self
+            .redis_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        all.extend_from_slice(extra);
+        all
     }
 
     /// Starts `hokusai-deployer run` as a child process; its log is appended to
@@ -177,7 +207,12 @@ impl Stack {
     }
 
     pub fn settings_with_rpc(&self, rpc: &str, extra: &[(&str, &str)]) -> Settings {
-        settings_for(&self.redis.url("redis"), rpc, Some(&self.boot), extra)
+        settings_for(
+            &self.redis.url("redis"),
+            rpc,
+            Some(&self.boot),
+            &self.with_redis_env(extra),
+        )
     }
 
     pub fn worker(&self, extra: &[(&str, &str)]) -> Worker {

@@ -10,3 +10,4 @@ mod fees;
 mod harness;
 mod ops;
 mod pipeline;
+mod redis_tls;

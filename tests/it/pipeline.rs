@@ -56,7 +56,7 @@ fn envelope(message_id: &str, edit: impl FnOnce(&mut serde_json::Map<String, Val
 }
 
 /// Asserts the on-chain result of a deployment and returns the token address.
-async fn assert_deployed(
+pub(crate) async fn assert_deployed(
     stack: &Stack,
     event: &Value,
     model_id: &str,
