@@ -45,16 +45,22 @@ abi-check: node-tools
 	node contracts/build.mjs --check
 
 ## The whole suite: unit, integration (real redis-server and anvil), contract and CLI tests.
+## With the optional aws-kms feature, so the KMS signer is tested too.
+FEATURES ?= aws-kms
+
 test: tools
-	$(CARGO) test --locked --all-targets
+	$(CARGO) test --locked --all-targets --features "$(FEATURES)"
 
 ## Quick start: a local stack with the sample message processed; Ctrl-C stops it all.
 run-local: redis-server node-tools
 	$(CARGO) run --locked -- local
 
+## Clippy on the default build (what `make run-local` and the image build) and with the
+## features the tests use.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) clippy --locked --all-targets --features "$(FEATURES)" -- -D warnings
 
 ## Supply chain (deny.toml): licences, banned crates, duplicate versions, crate sources.
 ## cargo-deny is built once into .tools/cargo (about 3.5 min on 2 cores) unless on PATH.

@@ -1,6 +1,6 @@
 //! The chain: contract bindings generated from `abi/`, a provider that fails over between RPC
-//! URLs with a timeout on every request, and transactions signed locally so that the journal
-//! can hold their exact bytes before they are broadcast.
+//! URLs with a timeout on every request, and transactions signed before they are sent (by a
+//! local key or AWS KMS) so that the journal can hold their exact bytes before the broadcast.
 
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use alloy::transports::{RpcError, TransportError, TransportErrorKind, TransportF
 use tokio::sync::Mutex;
 use tower::ServiceBuilder;
 
-use crate::config::{mask_url, Secret, Settings};
+use crate::config::{mask_url, DeployerKey, Secret, Settings};
 use crate::journal::TxRecord;
 
 sol!(
@@ -53,6 +53,9 @@ pub enum ChainError {
     Call(#[from] alloy::contract::Error),
     #[error("signing: {0}")]
     Sign(String),
+    /// The remote signer (AWS KMS) failed or was unreachable: infrastructure, so retried.
+    #[error("remote signer: {0}")]
+    RemoteSigner(String),
     #[error("the node refused the transaction: {0}")]
     Refused(String),
     #[error("transaction {hash} reverted in block {block}")]
@@ -89,7 +92,10 @@ impl ChainError {
             | ChainError::BadUrl { .. }
             | ChainError::Config(_)
             | ChainError::Sign(_) => false,
-            ChainError::Refused(_) | ChainError::NotMined(_) | ChainError::NonceUsed { .. } => true,
+            ChainError::Refused(_)
+            | ChainError::NotMined(_)
+            | ChainError::NonceUsed { .. }
+            | ChainError::RemoteSigner(_) => true,
             // Waits for fees to fall, bounded by time rather than by attempts.
             ChainError::FeeAboveCap { .. } => true,
         }
@@ -126,6 +132,7 @@ impl ChainError {
             ChainError::NotMined(_) => "TRANSACTION_TIMEOUT",
             ChainError::FeeAboveCap { .. } => "INSUFFICIENT_GAS",
             ChainError::Refused(_) | ChainError::NonceUsed { .. } => "RPC_ERROR",
+            ChainError::RemoteSigner(_) => "SIGNER_UNAVAILABLE",
             ChainError::WrongChain { .. }
             | ChainError::BadKey(_)
             | ChainError::BadUrl { .. }
@@ -241,6 +248,81 @@ pub fn signer(key: &Secret) -> Result<PrivateKeySigner, ChainError> {
         .map_err(|_| ChainError::BadKey("not a 32-byte hex private key".into()))
 }
 
+/// A deployer key made usable: its address and a wallet that signs with it.
+#[derive(Clone)]
+pub struct Wallet {
+    pub address: Address,
+    wallet: EthereumWallet,
+    /// Signs over the network (KMS): its failures are retried, not the message's fault.
+    remote: bool,
+}
+
+impl Wallet {
+    /// A local key is parsed; a KMS key's public key is fetched (one `GetPublicKey`).
+    pub async fn resolve(key: &DeployerKey, settings: &Settings) -> Result<Wallet, ChainError> {
+        match key {
+            DeployerKey::Local(secret) => {
+                let s = signer(secret)?;
+                Ok(Wallet {
+                    address: s.address(),
+                    wallet: EthereumWallet::from(s),
+                    remote: false,
+                })
+            }
+            DeployerKey::AwsKms(id) => aws_kms(id, settings).await,
+        }
+    }
+}
+
+/// AWS KMS through alloy's signer. Region, credentials and endpoint come from the AWS
+/// environment (`AWS_REGION`, the ECS task role, IRSA, `AWS_ENDPOINT_URL`, ...); every KMS call
+/// is bounded by `chain.rpc_timeout_ms`, after the SDK's own retries.
+#[cfg(feature = "aws-kms")]
+async fn aws_kms(id: &str, settings: &Settings) -> Result<Wallet, ChainError> {
+    use alloy::network::TxSigner;
+    use alloy::signers::aws::{aws_config, aws_sdk_kms, AwsSigner};
+
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .operation_timeout(settings.rpc_timeout())
+                .build(),
+        )
+        .load()
+        .await;
+    let signer = AwsSigner::new(aws_sdk_kms::Client::new(&conf), id.to_owned(), None)
+        .await
+        .map_err(|e| ChainError::RemoteSigner(format!("AWS KMS key {id}: {}", error_chain(&e))))?;
+    Ok(Wallet {
+        address: TxSigner::address(&signer),
+        wallet: EthereumWallet::from(signer),
+        remote: true,
+    })
+}
+
+#[cfg(not(feature = "aws-kms"))]
+async fn aws_kms(id: &str, _: &Settings) -> Result<Wallet, ChainError> {
+    Err(ChainError::BadKey(format!(
+        "chain.aws_kms_key_ids names {id}, but this build has no AWS KMS support (build with --features aws-kms)"
+    )))
+}
+
+/// An error and its sources, `: `-joined: the AWS SDK's top-level message alone is terse
+/// ("service error").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
+}
+
 /// Local nonce bookkeeping for one signer. Only one process uses a signer at a time.
 #[derive(Default)]
 struct Nonces {
@@ -268,6 +350,8 @@ pub struct Mined {
 pub struct Chain {
     pub provider: DynProvider,
     wallet: EthereumWallet,
+    /// The wallet signs through KMS (see [`Wallet`]).
+    remote_signer: bool,
     pub signer: Address,
     pub chain_id: u64,
     pub registry: Address,
@@ -413,10 +497,9 @@ pub enum Call {
 
 impl Chain {
     /// Connects and checks the chain id; fails fast on a wrong chain or a bad key.
-    pub async fn connect(settings: &Settings, key: &Secret) -> Result<Chain, ChainError> {
+    pub async fn connect(settings: &Settings, deployer: &Wallet) -> Result<Chain, ChainError> {
         let (registry, manager) = settings.contract_addresses()?;
         let provider = provider(settings)?;
-        let signer = signer(key)?;
         let chain_id = provider.get_chain_id().await?;
         if let Some(expected) = settings.chain.chain_id {
             if expected != chain_id {
@@ -428,8 +511,9 @@ impl Chain {
         }
         Ok(Chain {
             provider,
-            signer: signer.address(),
-            wallet: EthereumWallet::from(signer),
+            signer: deployer.address,
+            wallet: deployer.wallet.clone(),
+            remote_signer: deployer.remote,
             chain_id,
             registry,
             manager,
@@ -561,7 +645,7 @@ impl Chain {
         }
     }
 
-    /// Signs a transaction with these fees, locally.
+    /// Signs a transaction with these fees (locally, or by a KMS call).
     async fn sign(&self, tx: TransactionRequest, fees: Fees) -> Result<TxEnvelope, ChainError> {
         let tx = match fees {
             Fees::Eip1559 { max_fee, priority } => tx
@@ -569,9 +653,13 @@ impl Chain {
                 .with_max_priority_fee_per_gas(priority),
             Fees::Legacy { gas_price } => tx.with_gas_price(gas_price),
         };
-        tx.build(&self.wallet)
-            .await
-            .map_err(|e| ChainError::Sign(e.to_string()))
+        tx.build(&self.wallet).await.map_err(|e| {
+            if self.remote_signer {
+                ChainError::RemoteSigner(error_chain(&e))
+            } else {
+                ChainError::Sign(e.to_string())
+            }
+        })
     }
 
     /// Sends signed bytes; a node that already has them is success, not an error.

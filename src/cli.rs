@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::acl;
 use crate::admin::{Admin, Letter, Stats};
-use crate::config::{Secret, Settings, Sources};
+use crate::config::{DeployerKey, Secret, Settings, Sources};
 use crate::pipeline::WorkerStatus;
 use crate::{audit, chain, localstack, ops, pipeline, queue, telemetry};
 
@@ -204,7 +204,10 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             let settings = load(&cli)?;
             telemetry::init(&settings.log);
             settings.contract_addresses()?;
-            require_key(&settings)?;
+            let keys = settings.deployer_keys()?;
+            if keys.is_empty() {
+                require_key(&settings)?;
+            }
             let status = Arc::new(WorkerStatus::default());
             let listener = ops::bind(&settings).await?;
             let ops = Ops::start(&settings, listener, status.clone())?;
@@ -213,7 +216,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
                 journal: !*unsafe_no_journal,
                 status,
             };
-            let r = pipeline::run(settings.clone(), settings.private_keys()?, opts, shutdown).await;
+            let r = pipeline::run(settings.clone(), keys, opts, shutdown).await;
             ops.stop().await;
             r
         }
@@ -298,19 +301,26 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             if let Err(e) = settings.contract_addresses() {
                 eprintln!("warning: {e}");
             }
-            let key = settings.private_key()?;
-            if let Some(k) = &key {
-                chain::signer(k)?;
+            let keys = settings.deployer_keys()?;
+            for k in &keys {
+                if let DeployerKey::Local(secret) = k {
+                    chain::signer(secret)?;
+                }
             }
             println!("{}", serde_json::to_string_pretty(&settings)?);
+            let kms = settings.chain.aws_kms_key_ids.len();
             println!(
                 "deployer key: {}",
-                if key.is_some() {
-                    "configured"
-                } else {
-                    "missing"
+                match keys.len() {
+                    0 => "missing".to_owned(),
+                    n if kms > 0 => format!("{n} in AWS KMS (not contacted)"),
+                    1 => "configured".to_owned(),
+                    n => format!("{n} configured"),
                 }
             );
+            if kms > 0 && !cfg!(feature = "aws-kms") {
+                anyhow::bail!("chain.aws_kms_key_ids needs a build with --features aws-kms");
+            }
             Ok(())
         }
         Command::Local { once } => local(&cli, *once, shutdown).await,
@@ -614,7 +624,7 @@ async fn local(cli: &Cli, once: bool, shutdown: CancellationToken) -> anyhow::Re
     let worker_stop = CancellationToken::new();
     let worker = tokio::spawn(pipeline::run(
         settings.clone(),
-        vec![key],
+        vec![DeployerKey::Local(key)],
         pipeline::RunOptions {
             status,
             ..Default::default()

@@ -42,7 +42,12 @@ const SEED_ALIASES: &[(&str, &str)] = &[
 ];
 
 /// Keys that hold lists; their environment values are comma separated.
-const LIST_KEYS: &[&str] = &["chain.rpc_urls", "api.cors_origins", "api.jwt.algorithms"];
+const LIST_KEYS: &[&str] = &[
+    "chain.rpc_urls",
+    "chain.aws_kms_key_ids",
+    "api.cors_origins",
+    "api.jwt.algorithms",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -97,6 +102,14 @@ impl Serialize for Secret {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str("[redacted]")
     }
+}
+
+/// Where a deployer key lives: in this process, or in AWS KMS (only its id here; the key
+/// never leaves KMS, which signs each transaction's hash).
+#[derive(Debug, Clone)]
+pub enum DeployerKey {
+    Local(Secret),
+    AwsKms(String),
 }
 
 /// A key file anyone on the machine can read (or write) is refused: the key spends real money.
@@ -197,6 +210,10 @@ pub struct ChainSettings {
     pub token_manager_address: String,
     pub private_key: Option<Secret>,
     pub private_key_file: Option<PathBuf>,
+    /// Deployer keys held in AWS KMS (`ECC_SECG_P256K1`, sign/verify): key ids, ARNs or
+    /// aliases, one per pool member. Instead of private keys; needs `--features aws-kms`.
+    #[serde(default)]
+    pub aws_kms_key_ids: Vec<String>,
     pub confirmations: u64,
     pub rpc_timeout_ms: u64,
     pub receipt_timeout_secs: u64,
@@ -520,6 +537,26 @@ impl Settings {
         ) {
             return Err(invalid("redis.url", "scheme must be redis:// or rediss://"));
         }
+        let local_key = self
+            .chain
+            .private_key
+            .as_ref()
+            .is_some_and(|k| !k.expose().trim().is_empty())
+            || self.chain.private_key_file.is_some();
+        if !self.chain.aws_kms_key_ids.is_empty() && local_key {
+            return Err(invalid(
+                "chain.aws_kms_key_ids",
+                "set either KMS key ids or private keys (chain.private_key, chain.private_key_file), not both",
+            ));
+        }
+        if self
+            .chain
+            .aws_kms_key_ids
+            .iter()
+            .any(|k| k.trim().is_empty())
+        {
+            return Err(invalid("chain.aws_kms_key_ids", "an empty key id"));
+        }
         let tls = r.scheme() == "rediss";
         for (key, set) in [
             ("redis.tls_ca_file", self.redis.tls_ca_file.is_some()),
@@ -649,6 +686,24 @@ impl Settings {
     }
 
     /// The first deployer key (for one-off commands such as `contracts deploy`).
+    /// The deployer key pool as the worker uses it: the KMS keys if any are named, otherwise
+    /// the private keys of [`Settings::private_keys`].
+    pub fn deployer_keys(&self) -> Result<Vec<DeployerKey>, ConfigError> {
+        if !self.chain.aws_kms_key_ids.is_empty() {
+            return Ok(self
+                .chain
+                .aws_kms_key_ids
+                .iter()
+                .map(|id| DeployerKey::AwsKms(id.clone()))
+                .collect());
+        }
+        Ok(self
+            .private_keys()?
+            .into_iter()
+            .map(DeployerKey::Local)
+            .collect())
+    }
+
     pub fn private_key(&self) -> Result<Option<Secret>, ConfigError> {
         Ok(self.private_keys()?.into_iter().next())
     }
@@ -835,6 +890,27 @@ mod tests {
     }
 
     #[test]
+    fn kms_keys_replace_private_keys_and_never_mix_with_them() {
+        let s = load(&[(
+            "HOKUSAI__CHAIN__AWS_KMS_KEY_IDS",
+            "alias/hokusai-a,arn:aws:kms:eu-west-1:1:key/b",
+        )])
+        .unwrap();
+        let keys = s.deployer_keys().unwrap();
+        assert!(
+            matches!(&keys[..], [DeployerKey::AwsKms(a), DeployerKey::AwsKms(b)]
+                if a == "alias/hokusai-a" && b.ends_with("key/b")),
+            "{keys:?}"
+        );
+        let e = load(&[
+            ("HOKUSAI__CHAIN__AWS_KMS_KEY_IDS", "alias/hokusai-a"),
+            ("DEPLOYER_PRIVATE_KEY", "0x01"),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
+    }
+
+    #[test]
     fn redis_tls_files_need_rediss_and_come_in_pairs() {
         let e = load(&[("HOKUSAI__REDIS__TLS_CA_FILE", "/ca.pem")]).unwrap_err();
         assert!(e.to_string().contains("redis.tls_ca_file"), "{e}");
@@ -850,7 +926,10 @@ mod tests {
             ("REDIS_PASSWORD", "hunter2-hunter2-hunter2"),
         ])
         .unwrap();
-        assert_eq!(s.redis.password.unwrap().expose(), "hunter2-hunter2-hunter2");
+        assert_eq!(
+            s.redis.password.unwrap().expose(),
+            "hunter2-hunter2-hunter2"
+        );
     }
 
     #[test]

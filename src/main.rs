@@ -1,6 +1,9 @@
 //! Thin entry point: parse the command line, wire Ctrl-C and SIGTERM to one cancellation
 //! token, run the command, turn its result into an exit status.
 
+// The worker's future nests deeply once the AWS SDK's futures are in it (`aws-kms`).
+#![recursion_limit = "256"]
+
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 

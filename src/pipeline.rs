@@ -19,8 +19,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn, Instrument};
 
 use crate::audit::{Audit, Fields};
-use crate::chain::{Call, Chain, ChainError, Mined, SendError, Stuck, Waited};
-use crate::config::{Secret, Settings};
+use crate::chain::{Call, Chain, ChainError, Mined, SendError, Stuck, Waited, Wallet};
+use crate::config::{DeployerKey, Settings};
 use crate::journal::{Entry, Journal, JournalError, Step, TxRecord};
 use crate::message::{
     self, DeadLetter, DeadLetterError, DeploymentFailed, Inbound, Rejection, Rules, TokenDeployed,
@@ -876,7 +876,7 @@ impl Default for RunOptions {
 /// Fails (for the orchestrator to restart it) if its signer lease is lost.
 pub async fn run(
     settings: Settings,
-    keys: Vec<Secret>,
+    keys: Vec<DeployerKey>,
     opts: RunOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -938,14 +938,30 @@ pub async fn run(
         tasks.wait().await;
     };
 
-    // Lease one key of the pool; with none free, wait (another replica holds each).
+    // Learn each key's address (a KMS key's public key is a network call away), then lease one
+    // key of the pool; with none free, wait (another replica holds each).
     status.set_phase("waiting_for_key");
+    let deployers = loop {
+        match resolve_keys(&settings, &keys).await {
+            Ok(d) => break d,
+            Err(e) if e.is_retryable() => warn!(error = %e, "deployer key not reachable yet"),
+            Err(e) => {
+                stop_background().await;
+                return Err(e.into());
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => { stop_background().await; return Ok(()); }
+        }
+    };
     let key = loop {
-        match lease_any(&queues, &keys).await {
-            Ok(Some((signer, key))) => {
+        match lease_any(&queues, &deployers).await {
+            Ok(Some(deployer)) => {
+                let signer = deployer.address.to_string();
                 let _ = status.signer.set(signer.clone());
                 leased.set(signer).expect("leased once");
-                break key;
+                break deployer;
             }
             Ok(None) => warn!(
                 keys = keys.len(),
@@ -1137,15 +1153,23 @@ fn token_exists_or(e: AttemptError, model_id: &str, ours: Address) -> AttemptErr
 /// How often a paused worker looks at the flag again.
 const PAUSE_POLL: Duration = Duration::from_millis(250);
 
-/// Leases the first free key of the pool: `(signer address, key)`.
-async fn lease_any(
-    queues: &Queues,
-    keys: &[Secret],
-) -> Result<Option<(String, Secret)>, AttemptError> {
+/// Every key of the pool with its address.
+async fn resolve_keys(
+    settings: &Settings,
+    keys: &[DeployerKey],
+) -> Result<Vec<Wallet>, ChainError> {
+    let mut out = Vec::with_capacity(keys.len());
     for key in keys {
-        let signer = crate::chain::signer(key)?.address().to_string();
-        if queues.lease_signer(&signer).await? {
-            return Ok(Some((signer, key.clone())));
+        out.push(Wallet::resolve(key, settings).await?);
+    }
+    Ok(out)
+}
+
+/// Leases the first free key of the pool.
+async fn lease_any(queues: &Queues, deployers: &[Wallet]) -> Result<Option<Wallet>, AttemptError> {
+    for d in deployers {
+        if queues.lease_signer(&d.address.to_string()).await? {
+            return Ok(Some(d.clone()));
         }
     }
     Ok(None)
@@ -1162,7 +1186,7 @@ async fn release(queues: &Queues, leased: &tokio::sync::OnceCell<String>) {
 /// Connects to the chain, retrying while the RPC is unreachable; `None` if shutdown came first.
 async fn connect_chain(
     settings: &Settings,
-    key: &Secret,
+    key: &Wallet,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Chain>> {
     let mut delay = Duration::from_millis(200);

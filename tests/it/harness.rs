@@ -473,7 +473,7 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(settings: Settings, opts: RunOptions) -> Worker {
-        let keys = settings.private_keys().unwrap();
+        let keys = settings.deployer_keys().unwrap();
         let stop = CancellationToken::new();
         let handle = tokio::spawn(pipeline::run(settings, keys, opts, stop.clone()));
         Worker { stop, handle }

@@ -8,6 +8,8 @@ mod contracts;
 mod crash;
 mod fees;
 mod harness;
+#[cfg(feature = "aws-kms")]
+mod kms;
 mod ops;
 mod pipeline;
 mod redis_tls;

@@ -55,9 +55,32 @@ fn envelope(message_id: &str, edit: impl FnOnce(&mut serde_json::Map<String, Val
     v.to_string()
 }
 
-/// Asserts the on-chain result of a deployment and returns the token address.
+/// Asserts the on-chain result of a deployment by the stack's deployer and returns the token
+/// address.
 pub(crate) async fn assert_deployed(
     stack: &Stack,
+    event: &Value,
+    model_id: &str,
+    symbol: &str,
+    name: &str,
+    metric: &str,
+) -> Address {
+    assert_deployed_by(
+        stack,
+        stack.boot.deployer,
+        event,
+        model_id,
+        symbol,
+        name,
+        metric,
+    )
+    .await
+}
+
+/// [`assert_deployed`] for a deployment signed by `deployer`.
+pub(crate) async fn assert_deployed_by(
+    stack: &Stack,
+    deployer: Address,
     event: &Value,
     model_id: &str,
     symbol: &str,
@@ -86,10 +109,7 @@ pub(crate) async fn assert_deployed(
             .unwrap()
             > 0
     );
-    assert_eq!(
-        event["deployer_address"],
-        stack.boot.deployer.to_checksum(None)
-    );
+    assert_eq!(event["deployer_address"], deployer.to_checksum(None));
 
     let token: Address = event["token_address"].as_str().unwrap().parse().unwrap();
     let p = stack.provider();
