@@ -7,6 +7,7 @@
 //! protocol for the two calls the signer makes (`GetPublicKey`, `Sign`) with a secp256k1 key,
 //! and checks what a real KMS would: the digest type, the algorithm, a SigV4-signed request.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use alloy::providers::Provider;
@@ -19,10 +20,8 @@ use k256::pkcs8::EncodePublicKey;
 use serde_json::{json, Value};
 
 use crate::harness::{Stack, OTHER_KEY};
-use crate::pipeline::assert_deployed_by;
+use crate::pipeline::sample_deployed_by;
 
-const SAMPLE: &str = include_str!("../data/producer-envelope.json");
-const OUT: &str = "hokusai:token_deployed_queue";
 const KEY_ID: &str = "arn:aws:kms:us-east-1:000000000000:key/hokusai-test";
 
 #[derive(Clone)]
@@ -30,6 +29,8 @@ struct FakeKms {
     key: SigningKey,
     /// Every request: (X-Amz-Target, Authorization header, body).
     seen: Arc<Mutex<Vec<(String, String, Value)>>>,
+    /// How many `Sign` calls still fail with a 500 (KMS's own internal error).
+    failing_signs: Arc<AtomicUsize>,
 }
 
 fn b64() -> base64::engine::GeneralPurpose {
@@ -80,6 +81,13 @@ async fn kms(
             "SigningAlgorithms": ["ECDSA_SHA_256"],
         });
         (StatusCode::OK, body.to_string())
+    } else if target == "TrentService.Sign"
+        && k.failing_signs
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    {
+        let body = json!({ "__type": "KMSInternalException", "message": "try again" });
+        (StatusCode::INTERNAL_SERVER_ERROR, body.to_string())
     } else if target == "TrentService.Sign" {
         let digest = b64()
             .decode(req["Message"].as_str().unwrap_or(""))
@@ -104,7 +112,7 @@ async fn kms(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_whose_key_is_in_kms_deploys_and_signs_only_through_kms() {
+async fn a_worker_whose_key_is_in_kms_signs_only_through_kms_and_rides_out_its_errors() {
     let stack = Stack::start().await;
     // The KMS key is anvil's second development key: funded, and a registrar of the test
     // registry. The worker gets no private key at all.
@@ -112,6 +120,9 @@ async fn a_worker_whose_key_is_in_kms_deploys_and_signs_only_through_kms() {
     let fake = FakeKms {
         key: SigningKey::from_slice(&key_bytes).unwrap(),
         seen: Arc::default(),
+        // More than the AWS SDK's own three attempts: one signing fails at our level and the
+        // worker's retry must carry the message through, with nothing dead-lettered.
+        failing_signs: Arc::new(AtomicUsize::new(4)),
     };
     let kms_address = alloy::signers::utils::public_key_to_address(fake.key.verifying_key());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -145,18 +156,7 @@ async fn a_worker_whose_key_is_in_kms_deploys_and_signs_only_through_kms() {
         "{ready}"
     );
 
-    stack.push(SAMPLE.trim_end()).await;
-    let event = stack.next_json(OUT).await;
-    assert_deployed_by(
-        &stack,
-        kms_address,
-        &event,
-        "model_7",
-        "MSG-AI",
-        "Hokusai model_7",
-        "reply_rate",
-    )
-    .await;
+    let event = sample_deployed_by(&stack, kms_address).await;
     for step in ["transaction_hash", "registry_transaction_hash"] {
         let hash = event[step].as_str().unwrap().parse().unwrap();
         let tx = stack
@@ -172,12 +172,24 @@ async fn a_worker_whose_key_is_in_kms_deploys_and_signs_only_through_kms() {
         );
     }
 
+    assert_eq!(stack.len("hokusai:model_ready_queue:dlq").await, 0);
+    let metrics = daemon.get("/metrics").await.1;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("hokusai_retries_total{") && l.contains("SIGNER_UNAVAILABLE")),
+        "a KMS outage is a retry with its own code: {metrics}"
+    );
+
     let seen = fake.seen.lock().unwrap().clone();
     let signs: Vec<_> = seen
         .iter()
         .filter(|(t, _, _)| t == "TrentService.Sign")
         .collect();
-    assert!(signs.len() >= 2, "one Sign per transaction: {seen:?}");
+    assert!(
+        signs.len() >= 2 + 4,
+        "one Sign per transaction, plus the failed ones: {seen:?}"
+    );
     assert!(seen
         .iter()
         .any(|(t, _, _)| t == "TrentService.GetPublicKey"));

@@ -129,14 +129,13 @@ pub(crate) async fn assert_deployed_by(
     token
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn producer_envelope_is_deployed_registered_and_published() {
-    let stack = Stack::start().await;
-    let worker = stack.worker(&[]);
+/// Pushes the producer's sample, waits for its event and asserts its deployment by `deployer`.
+pub(crate) async fn sample_deployed_by(stack: &Stack, deployer: Address) -> Value {
     stack.push(SAMPLE.trim_end()).await;
     let event = stack.next_json(OUT).await;
-    assert_deployed(
-        &stack,
+    assert_deployed_by(
+        stack,
+        deployer,
         &event,
         "model_7",
         "MSG-AI",
@@ -144,6 +143,14 @@ async fn producer_envelope_is_deployed_registered_and_published() {
         "reply_rate",
     )
     .await;
+    event
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_envelope_is_deployed_registered_and_published() {
+    let stack = Stack::start().await;
+    let worker = stack.worker(&[]);
+    let event = sample_deployed_by(&stack, stack.boot.deployer).await;
     assert_eq!(event["mlflow_run_id"], "run_x");
     assert_eq!(
         event["source_message_id"],

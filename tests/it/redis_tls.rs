@@ -13,10 +13,7 @@ use rcgen::{
 use crate::api;
 use crate::cli::run;
 use crate::harness::{Stack, StackOpts};
-use crate::pipeline::assert_deployed;
-
-const SAMPLE: &str = include_str!("../data/producer-envelope.json");
-const OUT: &str = "hokusai:token_deployed_queue";
+use crate::pipeline::sample_deployed_by;
 
 /// PEM files of a private CA, a server certificate for localhost and a client certificate.
 struct Pki {
@@ -134,22 +131,17 @@ async fn a_deployment_runs_over_tls_as_acl_users_and_the_cli_needs_credentials()
         .until("/health/ready", "ready over TLS", |s, _| s == 200)
         .await;
     assert_eq!(ready["components"]["redis"]["status"], "up", "{ready}");
-    stack.push(SAMPLE.trim_end()).await;
-    let event = stack.next_json(OUT).await;
-    assert_deployed(
-        &stack,
-        &event,
-        "model_7",
-        "MSG-AI",
-        "Hokusai model_7",
-        "reply_rate",
-    )
-    .await;
+    sample_deployed_by(&stack, stack.boot.deployer).await;
     let health = daemon.get("/health/detailed").await.1;
-    assert!(
-        !health.contains(&password("hokusai-worker")),
-        "health hides the Redis password: {health}"
-    );
+    let log = std::fs::read_to_string(crate::harness::log_path("tls-worker")).unwrap();
+    let client_key = std::fs::read_to_string(&pki.client_key).unwrap();
+    let key_body = client_key.lines().nth(1).unwrap();
+    for (what, text) in [("health", &health), ("log", &log)] {
+        assert!(
+            !text.contains(&password("hokusai-worker")) && !text.contains(key_body),
+            "the {what} hides the Redis password and TLS key: {text}"
+        );
+    }
 
     // The worker's user reaches nothing outside the service's keys and no dangerous command.
     let worker =
