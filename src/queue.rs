@@ -127,8 +127,11 @@ pub fn client(settings: &Settings) -> Result<Client, QueueError> {
 
 fn client_with_attempts(settings: &Settings, attempts: u32) -> Result<Client, QueueError> {
     let mut config = Config::from_url(&settings.redis.url)?;
-    if let Some(password) = &settings.redis.password {
-        config.password = Some(password.expose().to_owned());
+    if let Some(password) = settings.redis.password.as_ref().map(|p| p.expose()) {
+        // An empty variable (a Secret key left blank) means "not set", not an empty password.
+        if !password.is_empty() {
+            config.password = Some(password.to_owned());
+        }
     }
     if config.tls.is_some() {
         config.tls = Some(tls_connector(&settings.redis)?.into());
