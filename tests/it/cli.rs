@@ -113,6 +113,46 @@ fn run_refuses_to_start_without_contract_addresses() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("chain.model_registry_address"));
 }
 
+#[test]
+fn unusable_redis_tls_files_are_named_before_anything_connects() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("ca.pem");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    let key = dir.path().join("client.key");
+    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (missing, not_pem, key) = (
+        dir.path().join("missing.pem").display().to_string(),
+        not_pem.display().to_string(),
+        key.display().to_string(),
+    );
+    let url = ("HOKUSAI__REDIS__URL", "rediss://hokusai-viewer@127.0.0.1:1");
+    for (env, expect) in [
+        (
+            vec![url, ("HOKUSAI__REDIS__TLS_CA_FILE", missing.as_str())],
+            "redis.tls_ca_file",
+        ),
+        (
+            vec![url, ("HOKUSAI__REDIS__TLS_CA_FILE", not_pem.as_str())],
+            "no PEM certificate",
+        ),
+        (
+            vec![
+                url,
+                ("HOKUSAI__REDIS__TLS_CERT_FILE", not_pem.as_str()),
+                ("HOKUSAI__REDIS__TLS_KEY_FILE", key.as_str()),
+            ],
+            "accessible to every user",
+        ),
+    ] {
+        let out = run(&["queue", "stats"], &env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{env:?}");
+        assert!(err.contains(expect), "{expect} in: {err}");
+    }
+}
+
 /// The README's first command, minus the serving: a fresh local stack processes the sample.
 #[test]
 fn quick_start_processes_the_sample_message() {
