@@ -26,10 +26,6 @@ const ADDRESS: &str = "0x742d35Cc6634C0532925a3b844Bc9e7595f82b3d";
 
 const STRANGER: &str = "0x000000000000000000000000000000000000dEaD";
 
-fn token(sub: &str) -> String {
-    token_for(sub, ADDRESS)
-}
-
 fn token_for(sub: &str, address: &str) -> String {
     let exp = chrono::Utc::now().timestamp() + 3600;
     encode(
@@ -38,6 +34,34 @@ fn token_for(sub: &str, address: &str) -> String {
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .expect("signs")
+}
+
+/// What every request of the run needs, shared by the workers.
+struct Ctx {
+    http: reqwest::Client,
+    base: String,
+    /// The owner's token per model, and a stranger's (who may not deploy it).
+    tokens: Vec<String>,
+    strangers: Vec<String>,
+    names: Vec<String>,
+    /// Accepted deployments: (model index, deployment id).
+    ids: std::sync::Mutex<Vec<(usize, String)>>,
+}
+
+impl Ctx {
+    /// POSTs a deployment of model `i` and checks the status; returns the body.
+    async fn post(&self, token: &str, address: &str, i: usize, status: u16) -> serde_json::Value {
+        let r = self
+            .http
+            .post(format!("{}/api/deployments", self.base))
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "model_id": self.names[i], "user_address": address }))
+            .send()
+            .await
+            .expect("POST answered");
+        assert_eq!(r.status().as_u16(), status, "POST {}", self.names[i]);
+        r.json().await.expect("json")
+    }
 }
 
 /// Runs `n` requests over `connections` workers; returns sorted latencies (ms) and wall time.
@@ -86,8 +110,7 @@ fn report(what: &str, lat: &[f64], wall: f64) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("api bench: run with `cargo bench --bench api`");
+    if !common::bench_only("api") {
         return Ok(());
     }
     let models = env_or("BENCH_MODELS", 300);
@@ -148,81 +171,54 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let tokens: Arc<Vec<String>> = Arc::new((0..models).map(|i| token(&format!("u{i}"))).collect());
-    let names = Arc::new(names);
+    let ctx = Arc::new(Ctx {
+        http,
+        base,
+        tokens: (0..models)
+            .map(|i| token_for(&format!("u{i}"), ADDRESS))
+            .collect(),
+        strangers: (0..models)
+            .map(|i| token_for(&format!("s{i}"), STRANGER))
+            .collect(),
+        names,
+        ids: Default::default(),
+    });
 
     // Every model looked up in MLflow for the first time, by a caller who may not deploy it:
     // the whole check up to the ownership refusal (403), MLflow included.
-    let strangers: Arc<Vec<String>> = Arc::new(
-        (0..models)
-            .map(|i| token_for(&format!("s{i}"), STRANGER))
-            .collect(),
-    );
     let (cold_lat, cold_wall) = {
-        let (http, base, strangers, names) =
-            (http.clone(), base.clone(), strangers.clone(), names.clone());
+        let ctx = ctx.clone();
         drive(models, connections, move |i| {
-            let (http, base, strangers, names) =
-                (http.clone(), base.clone(), strangers.clone(), names.clone());
+            let ctx = ctx.clone();
             async move {
-                let r = http
-                    .post(format!("{base}/api/deployments"))
-                    .bearer_auth(&strangers[i])
-                    .json(&serde_json::json!({ "model_id": names[i], "user_address": STRANGER }))
-                    .send()
-                    .await
-                    .expect("POST answered");
-                assert_eq!(r.status().as_u16(), 403, "POST {}", names[i]);
-                let _ = r.bytes().await;
+                ctx.post(&ctx.strangers[i], STRANGER, i, 403).await;
             }
         })
         .await
     };
-    let ids: Arc<std::sync::Mutex<Vec<(usize, String)>>> = Arc::default();
     let (post_lat, post_wall) = {
-        let (http, base, tokens, names, ids) = (
-            http.clone(),
-            base.clone(),
-            tokens.clone(),
-            names.clone(),
-            ids.clone(),
-        );
+        let ctx = ctx.clone();
         drive(models, connections, move |i| {
-            let (http, base, tokens, names, ids) = (
-                http.clone(),
-                base.clone(),
-                tokens.clone(),
-                names.clone(),
-                ids.clone(),
-            );
+            let ctx = ctx.clone();
             async move {
-                let r = http
-                    .post(format!("{base}/api/deployments"))
-                    .bearer_auth(&tokens[i])
-                    .json(&serde_json::json!({ "model_id": names[i], "user_address": ADDRESS }))
-                    .send()
-                    .await
-                    .expect("POST answered");
-                assert_eq!(r.status().as_u16(), 202, "POST {}", names[i]);
-                let v: serde_json::Value = r.json().await.expect("json");
-                ids.lock()
-                    .unwrap()
-                    .push((i, v["deployment_id"].as_str().unwrap().to_owned()));
+                let v = ctx.post(&ctx.tokens[i], ADDRESS, i, 202).await;
+                let id = v["deployment_id"].as_str().unwrap().to_owned();
+                ctx.ids.lock().unwrap().push((i, id));
             }
         })
         .await
     };
-    let ids: Arc<Vec<(usize, String)>> = Arc::new(ids.lock().unwrap().clone());
+    let ids: Arc<Vec<(usize, String)>> = Arc::new(ctx.ids.lock().unwrap().clone());
     let (get_lat, get_wall) = {
-        let (http, base, tokens, ids) = (http.clone(), base.clone(), tokens.clone(), ids.clone());
+        let ctx = ctx.clone();
         drive(gets, connections, move |i| {
-            let (http, base, tokens, ids) =
-                (http.clone(), base.clone(), tokens.clone(), ids.clone());
+            let (ctx, ids) = (ctx.clone(), ids.clone());
             async move {
                 let (who, id) = &ids[i % ids.len()];
-                let r = http
-                    .get(format!("{base}/api/deployments/{id}/status"))
-                    .bearer_auth(&tokens[*who])
+                let r = ctx
+                    .http
+                    .get(format!("{}/api/deployments/{id}/status", ctx.base))
+                    .bearer_auth(&ctx.tokens[*who])
                     .send()
                     .await
                     .expect("GET answered");

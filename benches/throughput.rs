@@ -85,8 +85,7 @@ async fn collect(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("throughput bench: run with `cargo bench --bench throughput`");
+    if !common::bench_only("throughput") {
         return Ok(());
     }
     let n = env_or("BENCH_N", 1000);

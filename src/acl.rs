@@ -67,7 +67,7 @@ impl Role {
             Role::Api => vec![exact(&q.inbound), state],
             _ => vec![
                 exact(&q.inbound),
-                format!("{}:*", glob_escape(&q.processing)),
+                crate::queue::processing_key(&glob_escape(&q.processing), "*"),
                 exact(&q.dlq),
                 exact(&q.outbound),
                 exact(&q.failures),

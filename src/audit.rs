@@ -33,15 +33,15 @@ pub fn key(settings: &Settings) -> String {
 impl Audit {
     pub fn new(client: Client, settings: &Settings, actor: impl Into<String>) -> Audit {
         Audit {
-            client,
             key: key(settings),
             max_len: settings.ops.audit_max_len,
             actor: actor.into(),
-            redis_user: url::Url::parse(&settings.redis.url)
-                .ok()
-                .map(|u| u.username().to_owned())
-                .filter(|u| !u.is_empty())
+            redis_user: client
+                .client_config()
+                .username
+                .clone()
                 .unwrap_or_else(|| "default".into()),
+            client,
         }
     }
 

@@ -258,39 +258,66 @@ pub struct Wallet {
 }
 
 impl Wallet {
-    /// A local key is parsed; a KMS key's public key is fetched (one `GetPublicKey`).
-    pub async fn resolve(key: &DeployerKey, settings: &Settings) -> Result<Wallet, ChainError> {
-        match key {
-            DeployerKey::Local(secret) => {
-                let s = signer(secret)?;
-                Ok(Wallet {
-                    address: s.address(),
-                    wallet: EthereumWallet::from(s),
-                    remote: false,
-                })
-            }
-            DeployerKey::AwsKms(id) => aws_kms(id, settings).await,
+    /// Resolves the pool's keys in order, going on after those already in `done` (so a retry
+    /// after a KMS failure keeps what it had). A local key is parsed; a KMS key's public key is
+    /// fetched (one `GetPublicKey`), with one AWS client for the whole pool.
+    pub async fn resolve_pool(
+        keys: &[DeployerKey],
+        settings: &Settings,
+        done: &mut Vec<Wallet>,
+    ) -> Result<(), ChainError> {
+        let mut kms = None;
+        for key in &keys[done.len().min(keys.len())..] {
+            let wallet = match key {
+                DeployerKey::Local(secret) => {
+                    let s = signer(secret)?;
+                    Wallet {
+                        address: s.address(),
+                        wallet: EthereumWallet::from(s),
+                        remote: false,
+                    }
+                }
+                DeployerKey::AwsKms(id) => aws_kms(id, settings, &mut kms).await?,
+            };
+            done.push(wallet);
         }
+        Ok(())
     }
 }
 
-/// AWS KMS through alloy's signer. Region, credentials and endpoint come from the AWS
-/// environment (`AWS_REGION`, the ECS task role, IRSA, `AWS_ENDPOINT_URL`, ...); every KMS call
-/// is bounded by `chain.rpc_timeout_ms`, after the SDK's own retries.
 #[cfg(feature = "aws-kms")]
-async fn aws_kms(id: &str, settings: &Settings) -> Result<Wallet, ChainError> {
-    use alloy::network::TxSigner;
-    use alloy::signers::aws::{aws_config, aws_sdk_kms, AwsSigner};
+type KmsClient = alloy::signers::aws::aws_sdk_kms::Client;
+#[cfg(not(feature = "aws-kms"))]
+type KmsClient = ();
 
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .timeout_config(
-            aws_config::timeout::TimeoutConfig::builder()
-                .operation_timeout(settings.rpc_timeout())
-                .build(),
-        )
-        .load()
-        .await;
-    let signer = AwsSigner::new(aws_sdk_kms::Client::new(&conf), id.to_owned(), None)
+/// AWS KMS through alloy's signer. Region, credentials and endpoint come from the AWS
+/// environment (`AWS_REGION`, the ECS task role, IRSA, `AWS_ENDPOINT_URL`, ...), loaded once
+/// into `client`; every KMS call is bounded by `chain.rpc_timeout_ms`, after the SDK's own
+/// retries.
+#[cfg(feature = "aws-kms")]
+async fn aws_kms(
+    id: &str,
+    settings: &Settings,
+    client: &mut Option<KmsClient>,
+) -> Result<Wallet, ChainError> {
+    use alloy::network::TxSigner;
+    use alloy::signers::aws::{aws_config, AwsSigner};
+
+    let kms = match client {
+        Some(c) => c.clone(),
+        None => {
+            let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .timeout_config(
+                    aws_config::timeout::TimeoutConfig::builder()
+                        .operation_timeout(settings.rpc_timeout())
+                        .build(),
+                )
+                .load()
+                .await;
+            client.insert(KmsClient::new(&conf)).clone()
+        }
+    };
+    let signer = AwsSigner::new(kms, id.to_owned(), None)
         .await
         .map_err(|e| ChainError::RemoteSigner(format!("AWS KMS key {id}: {}", error_chain(&e))))?;
     Ok(Wallet {
@@ -300,11 +327,23 @@ async fn aws_kms(id: &str, settings: &Settings) -> Result<Wallet, ChainError> {
     })
 }
 
+/// Configuration refuses KMS keys in a build without the feature; this is never reached.
 #[cfg(not(feature = "aws-kms"))]
-async fn aws_kms(id: &str, _: &Settings) -> Result<Wallet, ChainError> {
+async fn aws_kms(id: &str, _: &Settings, _: &mut Option<KmsClient>) -> Result<Wallet, ChainError> {
     Err(ChainError::BadKey(format!(
-        "chain.aws_kms_key_ids names {id}, but this build has no AWS KMS support (build with --features aws-kms)"
+        "chain.aws_kms_key_ids names {id}, but this build has no AWS KMS support"
     )))
+}
+
+/// The journal's record of a signed transaction.
+fn record(signer: Address, nonce: u64, envelope: &TxEnvelope, replaced: Vec<TxHash>) -> TxRecord {
+    TxRecord {
+        signer,
+        nonce,
+        hash: *envelope.tx_hash(),
+        raw: envelope.encoded_2718().into(),
+        replaced,
+    }
 }
 
 /// An error and its sources, `: `-joined: the AWS SDK's top-level message alone is terse
@@ -349,9 +388,8 @@ pub struct Mined {
 /// The deployer's view of the chain.
 pub struct Chain {
     pub provider: DynProvider,
-    wallet: EthereumWallet,
-    /// The wallet signs through KMS (see [`Wallet`]).
-    remote_signer: bool,
+    /// Signs this process's transactions (its `address` is [`Chain::signer`]).
+    wallet: Wallet,
     pub signer: Address,
     pub chain_id: u64,
     pub registry: Address,
@@ -512,8 +550,7 @@ impl Chain {
         Ok(Chain {
             provider,
             signer: deployer.address,
-            wallet: deployer.wallet.clone(),
-            remote_signer: deployer.remote,
+            wallet: deployer.clone(),
             chain_id,
             registry,
             manager,
@@ -617,13 +654,7 @@ impl Chain {
             .with_chain_id(self.chain_id);
         let envelope = self.sign(tx, fees).await.map_err(SendError::Chain)?;
         let signed = Signed {
-            record: TxRecord {
-                signer: self.signer,
-                nonce,
-                hash: *envelope.tx_hash(),
-                raw: envelope.encoded_2718().into(),
-                replaced: Vec::new(),
-            },
+            record: record(self.signer, nonce, &envelope, Vec::new()),
             contract_address: matches!(call, Call::Deploy(_)).then(|| self.signer.create(nonce)),
         };
         let signed = match journal(signed).await {
@@ -653,8 +684,8 @@ impl Chain {
                 .with_max_priority_fee_per_gas(priority),
             Fees::Legacy { gas_price } => tx.with_gas_price(gas_price),
         };
-        tx.build(&self.wallet).await.map_err(|e| {
-            if self.remote_signer {
+        tx.build(&self.wallet.wallet).await.map_err(|e| {
+            if self.wallet.remote {
                 ChainError::RemoteSigner(error_chain(&e))
             } else {
                 ChainError::Sign(e.to_string())
@@ -835,13 +866,7 @@ impl Chain {
         let envelope = self.sign(tx, fees).await.map_err(SendError::Chain)?;
         let mut replaced = rec.replaced.clone();
         replaced.push(rec.hash);
-        let new = TxRecord {
-            signer: rec.signer,
-            nonce: rec.nonce,
-            hash: *envelope.tx_hash(),
-            raw: envelope.encoded_2718().into(),
-            replaced,
-        };
+        let new = record(rec.signer, rec.nonce, &envelope, replaced);
         let new = journal(new).await.map_err(SendError::Journal)?;
         match self.broadcast(&new).await {
             // Taken: by an earlier version (its receipt ends the wait) or by another

@@ -205,9 +205,11 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             telemetry::init(&settings.log);
             settings.contract_addresses()?;
             let keys = settings.deployer_keys()?;
-            if keys.is_empty() {
-                require_key(&settings)?;
-            }
+            anyhow::ensure!(
+                !keys.is_empty(),
+                "no deployer key: set HOKUSAI__CHAIN__PRIVATE_KEY (or DEPLOYER_PRIVATE_KEY), \
+                 chain.private_key_file or chain.aws_kms_key_ids"
+            );
             let status = Arc::new(WorkerStatus::default());
             let listener = ops::bind(&settings).await?;
             let ops = Ops::start(&settings, listener, status.clone())?;
@@ -278,20 +280,23 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
         }
         Command::RedisAcl => {
             let settings = load(&cli)?;
+            let mut passwords = Vec::new();
             for role in acl::Role::ALL {
                 let var = role.password_var();
-                if let Ok(p) = std::env::var(var) {
+                let p = std::env::var(var).ok().filter(|p| !p.is_empty());
+                if let Some(p) = &p {
                     anyhow::ensure!(
-                        p.is_empty() || p.len() >= 16,
+                        p.len() >= 16,
                         "{var}: at least 16 characters (use a generated password)"
                     );
                 }
+                passwords.push((role, p.map(Secret::new)));
             }
             let file = acl::acl_file(&settings.queues, &|role| {
-                std::env::var(role.password_var())
-                    .ok()
-                    .filter(|p| !p.is_empty())
-                    .map(Secret::new)
+                passwords
+                    .iter()
+                    .find(|(r, _)| *r == role)
+                    .and_then(|(_, p)| p.clone())
             });
             print!("{file}");
             Ok(())
@@ -318,9 +323,6 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
                     n => format!("{n} configured"),
                 }
             );
-            if kms > 0 && !cfg!(feature = "aws-kms") {
-                anyhow::bail!("chain.aws_kms_key_ids needs a build with --features aws-kms");
-            }
             Ok(())
         }
         Command::Local { once } => local(&cli, *once, shutdown).await,

@@ -71,6 +71,12 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// An optional secret from configuration: an empty or blank value (a variable or Secret key
+/// left empty) means unset, for every secret alike.
+fn blank_is_unset<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+    Ok(Option::<Secret>::deserialize(d)?.filter(|s| !s.0.trim().is_empty()))
+}
+
 /// A secret value: prints as `[redacted]` in `Debug` and `Display`, and serializes the same way.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -174,7 +180,7 @@ pub struct RedisSettings {
     pub blocking_timeout_secs: u64,
     /// The ACL user's password, when it should not sit in the URL (a Kubernetes or ECS
     /// secret beside a URL in a ConfigMap); replaces the URL's password.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "blank_is_unset")]
     pub password: Option<Secret>,
     /// `rediss://` only: PEM file of the CAs that sign the server's certificate (a private
     /// CA); unset trusts the system's roots.
@@ -208,6 +214,7 @@ pub struct ChainSettings {
     pub chain_id: Option<u64>,
     pub model_registry_address: String,
     pub token_manager_address: String,
+    #[serde(default, deserialize_with = "blank_is_unset")]
     pub private_key: Option<Secret>,
     pub private_key_file: Option<PathBuf>,
     /// Deployer keys held in AWS KMS (`ECC_SECG_P256K1`, sign/verify): key ids, ARNs or
@@ -224,25 +231,17 @@ pub struct ChainSettings {
     pub max_fee_per_gas_gwei: Option<f64>,
     /// How long a message waits for fees under the cap before it is dead-lettered
     /// as `INSUFFICIENT_GAS`.
-    #[serde(default = "default_fee_cap_wait")]
     pub fee_cap_wait_secs: u64,
     /// Priority fee (tip) per gas in gwei; unset takes the 20th percentile of recent blocks'
     /// tips from `eth_feeHistory`.
     #[serde(default)]
     pub priority_fee_gwei: Option<f64>,
     /// A transaction not mined this long after it was sent is replaced (same nonce, higher fees).
-    #[serde(default = "default_replace_after")]
     pub replace_after_secs: u64,
     /// How much a replacement raises both fees, in percent (nodes want at least 10-12.5).
-    #[serde(default = "default_replacement_bump")]
     pub replacement_bump_percent: u64,
     /// Under this balance (ether) readiness warns (`balance: low`); deployments go on.
-    #[serde(default = "default_min_balance")]
     pub min_balance_eth: f64,
-}
-
-fn default_min_balance() -> f64 {
-    0.1
 }
 
 impl ChainSettings {
@@ -255,22 +254,6 @@ impl ChainSettings {
     pub fn priority_fee_wei(&self) -> Option<u128> {
         self.priority_fee_gwei.map(|g| (g * 1e9) as u128)
     }
-}
-
-fn default_model_cache() -> u64 {
-    10
-}
-
-fn default_replace_after() -> u64 {
-    60
-}
-
-fn default_replacement_bump() -> u64 {
-    15
-}
-
-fn default_fee_cap_wait() -> u64 {
-    3600
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -347,6 +330,7 @@ pub struct ApiSettings {
     /// Origins allowed by CORS; empty allows none (the front end's server calls us).
     pub cors_origins: Vec<String>,
     /// Static keys for service-to-service calls (`X-API-Key`), comma separated.
+    #[serde(default, deserialize_with = "blank_is_unset")]
     pub api_keys: Option<Secret>,
     /// How long a deployment's record and status are kept.
     pub deployment_ttl_days: u64,
@@ -361,6 +345,7 @@ pub struct JwtSettings {
     /// ES256, ES384, PS256 (with `public_key_file`). A token naming any other, or `none`, is
     /// refused, as is one whose algorithm does not match the configured key's kind.
     pub algorithms: Vec<String>,
+    #[serde(default, deserialize_with = "blank_is_unset")]
     pub secret: Option<Secret>,
     /// PEM public key for the asymmetric algorithms.
     pub public_key_file: Option<PathBuf>,
@@ -399,7 +384,6 @@ pub struct MlflowSettings {
     pub url: String,
     pub timeout_ms: u64,
     /// How long a model's facts are reused before MLflow is asked again.
-    #[serde(default = "default_model_cache")]
     pub cache_secs: u64,
     /// Tag whose value `true` means validated.
     pub validated_tag: String,
@@ -537,12 +521,7 @@ impl Settings {
         ) {
             return Err(invalid("redis.url", "scheme must be redis:// or rediss://"));
         }
-        let local_key = self
-            .chain
-            .private_key
-            .as_ref()
-            .is_some_and(|k| !k.expose().trim().is_empty())
-            || self.chain.private_key_file.is_some();
+        let local_key = self.chain.private_key.is_some() || self.chain.private_key_file.is_some();
         if !self.chain.aws_kms_key_ids.is_empty() && local_key {
             return Err(invalid(
                 "chain.aws_kms_key_ids",
@@ -556,6 +535,12 @@ impl Settings {
             .any(|k| k.trim().is_empty())
         {
             return Err(invalid("chain.aws_kms_key_ids", "an empty key id"));
+        }
+        if !self.chain.aws_kms_key_ids.is_empty() && !cfg!(feature = "aws-kms") {
+            return Err(invalid(
+                "chain.aws_kms_key_ids",
+                "this build has no AWS KMS support (build with --features aws-kms)",
+            ));
         }
         let tls = r.scheme() == "rediss";
         for (key, set) in [
@@ -685,7 +670,6 @@ impl Settings {
         ))
     }
 
-    /// The first deployer key (for one-off commands such as `contracts deploy`).
     /// The deployer key pool as the worker uses it: the KMS keys if any are named, otherwise
     /// the private keys of [`Settings::private_keys`].
     pub fn deployer_keys(&self) -> Result<Vec<DeployerKey>, ConfigError> {
@@ -704,6 +688,7 @@ impl Settings {
             .collect())
     }
 
+    /// The first deployer key (for one-off commands such as `contracts deploy`).
     pub fn private_key(&self) -> Result<Option<Secret>, ConfigError> {
         Ok(self.private_keys()?.into_iter().next())
     }
@@ -741,11 +726,9 @@ impl Settings {
             .api_keys
             .as_ref()
             .map(|k| {
-                k.expose()
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|k| !k.is_empty())
-                    .map(|k| Secret::new(k.to_owned()))
+                split_list(k.expose())
+                    .into_iter()
+                    .map(Secret::new)
                     .collect()
             })
             .unwrap_or_default()
@@ -890,6 +873,33 @@ mod tests {
     }
 
     #[test]
+    fn a_blank_secret_is_unset() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys");
+        std::fs::write(&file, "0x01\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let path = file.display().to_string();
+        let s = load(&[
+            ("DEPLOYER_PRIVATE_KEY", " "),
+            ("HOKUSAI__CHAIN__PRIVATE_KEY_FILE", &path),
+            ("REDIS_PASSWORD", ""),
+            ("JWT_SECRET", ""),
+        ])
+        .unwrap();
+        assert_eq!(s.private_keys().unwrap().len(), 1, "the file's key");
+        assert!(s.redis.password.is_none() && s.api.jwt.secret.is_none());
+    }
+
+    #[test]
+    #[cfg(not(feature = "aws-kms"))]
+    fn kms_keys_need_the_aws_kms_build() {
+        let e = load(&[("HOKUSAI__CHAIN__AWS_KMS_KEY_IDS", "alias/hokusai-a")]).unwrap_err();
+        assert!(e.to_string().contains("--features aws-kms"), "{e}");
+    }
+
+    #[test]
+    #[cfg(feature = "aws-kms")]
     fn kms_keys_replace_private_keys_and_never_mix_with_them() {
         let s = load(&[(
             "HOKUSAI__CHAIN__AWS_KMS_KEY_IDS",

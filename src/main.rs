@@ -21,8 +21,9 @@ async fn main() -> std::process::ExitCode {
             let text = format!("{e:#}");
             if text.contains("NOPERM") {
                 eprintln!(
-                    "hint: the Redis user in redis.url may not do this; operator commands need \
-                     hokusai-operator (docs/runbook.md, \"Redis TLS and ACL users\")"
+                    "hint: the Redis user in redis.url may not do this: `run` needs \
+                     hokusai-worker, `api` hokusai-api, changing operator commands \
+                     hokusai-operator (docs/operations.md, \"Who may do what\")"
                 );
             } else if text.contains("NOAUTH") || text.contains("WRONGPASS") {
                 eprintln!(

@@ -818,7 +818,6 @@ impl WorkerStatus {
     }
 }
 
-/// Options of a worker run that do not come from configuration.
 /// Counts a message in [`WorkerStatus::waiting_for_fees`] while its last attempt found fees
 /// above the cap, and no longer once it ends whichever way.
 struct FeeWait<'a> {
@@ -852,6 +851,7 @@ impl Drop for FeeWait<'_> {
     }
 }
 
+/// Options of a worker run that do not come from configuration.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     /// Off only in the test that shows the journal is what prevents double deployments.
@@ -941,9 +941,10 @@ pub async fn run(
     // Learn each key's address (a KMS key's public key is a network call away), then lease one
     // key of the pool; with none free, wait (another replica holds each).
     status.set_phase("waiting_for_key");
-    let deployers = loop {
-        match resolve_keys(&settings, &keys).await {
-            Ok(d) => break d,
+    let mut deployers = Vec::with_capacity(keys.len());
+    loop {
+        match Wallet::resolve_pool(&keys, &settings, &mut deployers).await {
+            Ok(()) => break,
             Err(e) if e.is_retryable() => warn!(error = %e, "deployer key not reachable yet"),
             Err(e) => {
                 stop_background().await;
@@ -954,7 +955,7 @@ pub async fn run(
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = shutdown.cancelled() => { stop_background().await; return Ok(()); }
         }
-    };
+    }
     let key = loop {
         match lease_any(&queues, &deployers).await {
             Ok(Some(deployer)) => {
@@ -1152,18 +1153,6 @@ fn token_exists_or(e: AttemptError, model_id: &str, ours: Address) -> AttemptErr
 
 /// How often a paused worker looks at the flag again.
 const PAUSE_POLL: Duration = Duration::from_millis(250);
-
-/// Every key of the pool with its address.
-async fn resolve_keys(
-    settings: &Settings,
-    keys: &[DeployerKey],
-) -> Result<Vec<Wallet>, ChainError> {
-    let mut out = Vec::with_capacity(keys.len());
-    for key in keys {
-        out.push(Wallet::resolve(key, settings).await?);
-    }
-    Ok(out)
-}
 
 /// Leases the first free key of the pool.
 async fn lease_any(queues: &Queues, deployers: &[Wallet]) -> Result<Option<Wallet>, AttemptError> {

@@ -122,20 +122,27 @@ pub struct Redis {
 
 /// Builds a client that reconnects forever with backoff and bounds every command.
 pub fn client(settings: &Settings) -> Result<Client, QueueError> {
-    client_with_attempts(settings, 3)
+    client_with_attempts(settings, config(settings)?, 3)
 }
 
-fn client_with_attempts(settings: &Settings, attempts: u32) -> Result<Client, QueueError> {
+/// Where and how to connect: the URL, the password, and the TLS set-up (files read here, once
+/// per call; clones share it).
+fn config(settings: &Settings) -> Result<Config, QueueError> {
     let mut config = Config::from_url(&settings.redis.url)?;
-    if let Some(password) = settings.redis.password.as_ref().map(|p| p.expose()) {
-        // An empty variable (a Secret key left blank) means "not set", not an empty password.
-        if !password.is_empty() {
-            config.password = Some(password.to_owned());
-        }
+    if let Some(password) = &settings.redis.password {
+        config.password = Some(password.expose().to_owned());
     }
     if config.tls.is_some() {
         config.tls = Some(tls_connector(&settings.redis)?.into());
     }
+    Ok(config)
+}
+
+fn client_with_attempts(
+    settings: &Settings,
+    config: Config,
+    attempts: u32,
+) -> Result<Client, QueueError> {
     let timeout = Duration::from_millis(settings.redis.command_timeout_ms);
     let client = Builder::from_config(config)
         .with_performance_config(|p| p.default_command_timeout = timeout)
@@ -210,10 +217,11 @@ impl Redis {
     /// Starts both connections without waiting: a Redis that is down at start-up is retried in
     /// the background and shows as not ready, instead of crashing the process.
     pub fn connect(settings: &Settings) -> Result<Redis, QueueError> {
-        let commands = client(settings)?;
+        let config = config(settings)?;
+        let commands = client_with_attempts(settings, config.clone(), 3)?;
         // Never re-send BLMOVE: a lost reply must surface as an error, after which the worker
         // sweeps its list for a message the server moved but we never received.
-        let blocking = client_with_attempts(settings, 1)?;
+        let blocking = client_with_attempts(settings, config, 1)?;
         commands.connect();
         blocking.connect();
         Ok(Redis { commands, blocking })
@@ -341,7 +349,6 @@ impl Queues {
         Ok(())
     }
 
-    /// Dead-letters the message and emits its failure event in one transaction.
     /// Dead-letters a message in one `MULTI`: the DLQ entry, the failure event, the message's
     /// outcome (read by the API's status endpoint, kept [`OUTCOME_TTL_SECS`]) and the removal
     /// from our processing list.

@@ -1,7 +1,15 @@
 //! What the benchmarks share: knobs from the environment, percentiles, a child's resource use,
 //! and the real binary started as a child process.
 
-#![allow(dead_code)] // each bench uses its own subset
+/// True under `cargo bench`; under `cargo test` (which builds and runs benches without
+/// `--bench`) it says how to run bench `name` and the bench does nothing.
+pub fn bench_only(name: &str) -> bool {
+    let bench = std::env::args().any(|a| a == "--bench");
+    if !bench {
+        println!("{name} bench: run with `cargo bench --bench {name}`");
+    }
+    bench
+}
 
 /// `$name` as a number, or `default`.
 pub fn env_or(name: &str, default: usize) -> usize {

@@ -57,7 +57,7 @@ fn envelope(message_id: &str, edit: impl FnOnce(&mut serde_json::Map<String, Val
 
 /// Asserts the on-chain result of a deployment by the stack's deployer and returns the token
 /// address.
-pub(crate) async fn assert_deployed(
+async fn assert_deployed(
     stack: &Stack,
     event: &Value,
     model_id: &str,
