@@ -6,7 +6,7 @@
 //! `/api/openapi.json` is generated from this code (utoipa).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -183,10 +183,12 @@ impl ApiError {
             format!("{what} is not answering; try again shortly"),
         )
     }
-    /// Whether the caller's quota slot is given back: the request was refused for something
-    /// about the model, not spent on a deployment.
-    fn refunds(&self) -> bool {
-        !matches!(self.code, "RATE_LIMIT_EXCEEDED" | "CIRCUIT_BREAKER_OPEN")
+    fn timeout() -> Self {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "TIMEOUT",
+            "the request took too long; it may be retried with the same Idempotency-Key",
+        )
     }
 }
 
@@ -335,6 +337,11 @@ impl ApiState {
         }
     }
 
+    /// The MLflow client (its readiness probe shares it).
+    pub fn mlflow(&self) -> Mlflow {
+        self.mlflow.clone()
+    }
+
     /// The model from MLflow, reused for `api.mlflow.cache_secs`.
     async fn model(&self, model_id: &str) -> Result<Option<Model>, ApiError> {
         if let Some((at, m)) = self
@@ -467,12 +474,9 @@ pub async fn serve(
         .await
 }
 
+/// Binds the configured address; port 0 picks a free port.
 pub async fn bind(settings: &Settings) -> anyhow::Result<tokio::net::TcpListener> {
-    let ip: std::net::IpAddr = settings.api.bind.parse()?;
-    let addr = SocketAddr::new(ip, settings.api.port);
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding the API to {addr}: {e}"))
+    crate::ops::listen(&settings.api.bind, settings.api.port, "the API").await
 }
 
 /// Runs a handler under `api.request_timeout_ms`.
@@ -484,12 +488,7 @@ where
     match tokio::time::timeout(limit, fut).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => e.into_response(),
-        Err(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "TIMEOUT",
-            "the request took too long; it may be retried with the same Idempotency-Key",
-        )
-        .into_response(),
+        Err(_) => ApiError::timeout().into_response(),
     }
 }
 
@@ -522,7 +521,9 @@ async fn create(
     let Ok(body) = body else {
         return too_large(&state).into_response();
     };
-    bounded(&state, create_inner(&state, &headers, &body)).await
+    create_inner(&state, &headers, &body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 fn too_large(state: &ApiState) -> ApiError {
@@ -536,8 +537,10 @@ fn too_large(state: &ApiState) -> ApiError {
     )
 }
 
+/// Runs a checked POST under `api.request_timeout_ms` and, when it is refused or times out,
+/// gives back what it took (see [`Acquired`]).
 async fn create_inner(
-    state: &ApiState,
+    state: &Arc<ApiState>,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ApiError> {
@@ -565,31 +568,98 @@ async fn create_inner(
             Some(state.key("idempotency", &format!("{}:{k}", caller.user_id)))
         }
     };
-    let deployment_id = uuid::Uuid::new_v4().to_string();
-    if let Some(key) = &idem {
-        let claimed: Option<String> = state
-            .redis
-            .set(
-                key,
-                &deployment_id,
-                Some(fred::types::Expiration::EX(IDEMPOTENCY_TTL_SECS)),
-                Some(fred::types::SetOptions::NX),
-                true,
-            )
-            .await
-            .map_err(|e| ApiError::upstream("redis", e))?;
-        if let Some(earlier) = claimed {
-            return replay(state, &earlier, &request.model_id).await;
-        }
-    }
-    let result = create_checked(state, &caller, &request, &deployment_id).await;
-    if result.is_err() {
-        if let Some(key) = &idem {
-            // Only a created deployment is remembered: a refused request may be retried.
-            let _: Result<i64, _> = state.redis.del(key).await;
-        }
+    let acquired = Arc::new(Acquired {
+        deployment_id: uuid::Uuid::new_v4().to_string(),
+        user_id: caller.user_id.clone(),
+        model_id: request.model_id.clone(),
+        idempotency_key: idem,
+        key: AtomicBool::new(false),
+        quota: AtomicBool::new(false),
+        claim: AtomicBool::new(false),
+        commit: AtomicBool::new(false),
+    });
+    let limit = Duration::from_millis(state.settings.api.request_timeout_ms);
+    let result = tokio::time::timeout(limit, create_checked(state, &caller, &request, &acquired))
+        .await
+        .unwrap_or_else(|_| Err(ApiError::timeout()));
+    if result.is_err() && acquired.any() {
+        // A task of its own, so it finishes even if this request is dropped; awaited (within
+        // the same limit) so a retry after the answer finds everything given back.
+        let task = tokio::spawn(acquired.clone().give_back(state.clone()));
+        let _ = tokio::time::timeout(limit, task).await;
     }
     result
+}
+
+/// What a POST has taken so far, each marked just before the Redis command that takes it is
+/// sent (a timeout may drop the request between sending and the answer): a request refused or
+/// timed out gives it all back in [`Acquired::give_back`], its one cleanup path.
+struct Acquired {
+    deployment_id: String,
+    user_id: String,
+    model_id: String,
+    /// `<prefix>:idempotency:<user>:<key>` when the request has an `Idempotency-Key`.
+    idempotency_key: Option<String>,
+    /// The Idempotency-Key was claimed for this deployment.
+    key: AtomicBool,
+    /// A quota slot was taken.
+    quota: AtomicBool,
+    /// The model was claimed.
+    claim: AtomicBool,
+    /// The deployment record and message were sent (one MULTI/EXEC).
+    commit: AtomicBool,
+}
+
+impl Acquired {
+    fn mark(flag: &AtomicBool) {
+        flag.store(true, Ordering::SeqCst);
+    }
+    fn clear(flag: &AtomicBool) {
+        flag.store(false, Ordering::SeqCst);
+    }
+    fn has(flag: &AtomicBool) -> bool {
+        flag.load(Ordering::SeqCst)
+    }
+    fn any(&self) -> bool {
+        [&self.key, &self.quota, &self.claim, &self.commit]
+            .into_iter()
+            .any(Self::has)
+    }
+
+    /// Gives back what the refused request took: its Idempotency-Key (so the request can be
+    /// retried), its quota slot (the quota counts deployments), its claim on the model. Keys and
+    /// claims are deleted only while they still hold this deployment's id.
+    async fn give_back(self: Arc<Self>, state: Arc<ApiState>) {
+        let id = self.deployment_id.as_str();
+        if Self::has(&self.commit) {
+            // The transaction may have been applied before its answer was lost: then the
+            // deployment is queued and keeps everything (a retry with the key replays it).
+            let queued: Result<i64, _> = state.redis.exists(state.key("deployment", id)).await;
+            if matches!(queued, Ok(n) if n > 0) {
+                warn!(
+                    deployment_id = id,
+                    "the deployment was queued although its request failed"
+                );
+                return;
+            }
+        }
+        if let (true, Some(key)) = (Self::has(&self.key), &self.idempotency_key) {
+            if let Err(e) = queue::delete_if_holds(&state.redis, key, id).await {
+                warn!(error = %e, "could not forget an Idempotency-Key; retries are refused until it expires");
+            }
+        }
+        if Self::has(&self.quota) {
+            state.limiter.refund(&self.user_id, id).await;
+        }
+        if Self::has(&self.claim) {
+            if let Err(e) =
+                queue::delete_if_holds(&state.redis, &state.key("api-model", &self.model_id), id)
+                    .await
+            {
+                warn!(error = %e, "could not release a model claim; it is taken over once known failed");
+            }
+        }
+    }
 }
 
 /// A repeated request with the same Idempotency-Key: the first answer again.
@@ -742,8 +812,28 @@ async fn create_checked(
     state: &ApiState,
     caller: &Caller,
     req: &Checked,
-    deployment_id: &str,
+    acquired: &Acquired,
 ) -> Result<Response, ApiError> {
+    let deployment_id = acquired.deployment_id.as_str();
+    if let Some(key) = &acquired.idempotency_key {
+        Acquired::mark(&acquired.key);
+        let claimed: Option<String> = state
+            .redis
+            .set(
+                key,
+                deployment_id,
+                Some(fred::types::Expiration::EX(IDEMPOTENCY_TTL_SECS)),
+                Some(fred::types::SetOptions::NX),
+                true,
+            )
+            .await
+            .map_err(|e| ApiError::upstream("redis", e))?;
+        if let Some(earlier) = claimed {
+            // Another request's key: not ours to give back.
+            Acquired::clear(&acquired.key);
+            return replay(state, &earlier, &req.model_id).await;
+        }
+    }
     let paused: i64 = state
         .redis
         .exists(queue::pause_key(&state.prefix))
@@ -756,6 +846,7 @@ async fn create_checked(
             "deployments are paused by an operator; try again later",
         ));
     }
+    Acquired::mark(&acquired.quota);
     let decision = state
         .limiter
         .admit(&caller.user_id, caller.tier.as_deref(), deployment_id)
@@ -772,6 +863,8 @@ async fn create_checked(
             limit,
             retry_after_secs,
         } => {
+            // Nothing was recorded.
+            Acquired::clear(&acquired.quota);
             let (status, code, what) = match window {
                 Window::UserHour => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMIT_EXCEEDED", format!("at most {limit} deployments per hour")),
                 Window::UserDay => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMIT_EXCEEDED", format!("at most {limit} deployments per day")),
@@ -798,29 +891,21 @@ async fn create_checked(
             return Err(e);
         }
     };
-    match queue_deployment(state, caller, req, deployment_id).await {
-        Ok(body) => {
-            let mut r = (StatusCode::ACCEPTED, Json(body)).into_response();
-            let h = r.headers_mut();
-            h.insert("x-ratelimit-limit", HeaderValue::from(limit));
-            h.insert("x-ratelimit-remaining", HeaderValue::from(remaining));
-            Ok(r)
-        }
-        Err(e) => {
-            if e.refunds() {
-                state.limiter.refund(&caller.user_id, deployment_id).await;
-            }
-            Err(e)
-        }
-    }
+    let body = queue_deployment(state, caller, req, acquired).await?;
+    let mut r = (StatusCode::ACCEPTED, Json(body)).into_response();
+    let h = r.headers_mut();
+    h.insert("x-ratelimit-limit", HeaderValue::from(limit));
+    h.insert("x-ratelimit-remaining", HeaderValue::from(remaining));
+    Ok(r)
 }
 
 async fn queue_deployment(
     state: &ApiState,
     caller: &Caller,
     req: &Checked,
-    deployment_id: &str,
+    acquired: &Acquired,
 ) -> Result<DeployTokenResponse, ApiError> {
+    let deployment_id = acquired.deployment_id.as_str();
     let model = state.model(&req.model_id).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -868,6 +953,7 @@ async fn queue_deployment(
     if registered != Address::ZERO {
         return Err(token_exists(&req.model_id, Some(registered)));
     }
+    Acquired::mark(&acquired.claim);
     claim_model(state, &req.model_id, deployment_id).await?;
 
     let est = state.estimates.read().expect("never poisoned").clone();
@@ -878,7 +964,6 @@ async fn queue_deployment(
     {
         Some(Ok(fees)) => fees.max_fee_per_gas(),
         Some(Err(e)) => {
-            release_model(state, &req.model_id, deployment_id).await;
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "INSUFFICIENT_GAS",
@@ -924,7 +1009,6 @@ async fn queue_deployment(
     let parsed = match message::parse(msg.as_bytes(), &state.rules) {
         Ok(m) => m,
         Err(r) => {
-            release_model(state, &req.model_id, deployment_id).await;
             let field = r.field.trim_start_matches("payload.").to_owned();
             return Err(if r.code == "THRESHOLD_NOT_MET" {
                 ApiError::new(
@@ -967,6 +1051,7 @@ async fn queue_deployment(
     let ttl = (state.settings.api.deployment_ttl_days * 86_400) as i64;
     let key = state.key("deployment", deployment_id);
     let tx = state.redis.multi();
+    Acquired::mark(&acquired.commit);
     let queued: Result<(), fred::error::Error> = async {
         let _: () = tx.hset(&key, record).await?;
         let _: () = tx.expire(&key, ttl, None).await?;
@@ -975,10 +1060,7 @@ async fn queue_deployment(
         Ok(())
     }
     .await;
-    if let Err(e) = queued {
-        release_model(state, &req.model_id, deployment_id).await;
-        return Err(ApiError::upstream("redis", e));
-    }
+    queued.map_err(|e| ApiError::upstream("redis", e))?;
     info!(deployment_id, model_id = %req.model_id, user = %caller.user_id, "deployment queued");
     Ok(body)
 }
@@ -1042,21 +1124,6 @@ async fn claim_model(state: &ApiState, model_id: &str, id: &str) -> Result<(), A
         Ok(())
     } else {
         Err(token_exists(model_id, None))
-    }
-}
-
-/// Gives a claim back when the request that took it is refused.
-async fn release_model(state: &ApiState, model_id: &str, id: &str) {
-    let r: Result<i64, _> = state
-        .redis
-        .eval(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-            vec![state.key("api-model", model_id)],
-            vec![id.to_owned()],
-        )
-        .await;
-    if let Err(e) = r {
-        warn!(error = %e, "could not release a model claim; it is taken over once known failed");
     }
 }
 

@@ -227,8 +227,8 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             telemetry::init(&settings.log);
             settings.contract_addresses()?;
             let metrics = telemetry::install_metrics()?;
-            let ops_state = ops::OpsState::for_api(&settings, Some(metrics))?;
             let state = crate::api::ApiState::new(&settings).await?;
+            let ops_state = ops::OpsState::for_api(&settings, Some(metrics), state.mlflow())?;
             let listener = crate::api::bind(&settings).await?;
             tracing::info!(addr = %listener.local_addr()?, "API listening (/api/deployments, /api/openapi.json, /health, /metrics)");
             crate::api::serve(listener, state, ops_state.clone(), shutdown).await?;

@@ -12,7 +12,7 @@ const DAY_MS: u64 = 86_400_000;
 
 /// KEYS: user hour, user day, global hour. ARGV: now (ms), member, hour limit, day limit,
 /// global limit, hour ms, day ms.
-/// Returns {1, remaining in the hour, remaining in the day} when admitted, or
+/// Returns {1, remaining in the hour} when admitted, or
 /// {0, window (1 hour, 2 day, 3 global), ms until the oldest entry leaves it}.
 const SCRIPT: &str = r#"
 local now = tonumber(ARGV[1])
@@ -36,7 +36,7 @@ for _, w in ipairs(windows) do
   redis.call('ZADD', w[1], now, ARGV[2])
   redis.call('PEXPIRE', w[1], w[3])
 end
-return {1, windows[1][2] - counts[1] - 1, windows[2][2] - counts[2] - 1}
+return {1, windows[1][2] - counts[1] - 1}
 "#;
 
 /// What the limiter decided.
@@ -45,7 +45,6 @@ pub enum Decision {
     Admitted {
         limit_hour: u32,
         remaining_hour: u32,
-        remaining_day: u32,
     },
     /// Over a window: which one and how long until a slot frees.
     Refused {
@@ -87,18 +86,29 @@ impl Limiter {
         }
     }
 
-    /// Gives back the slot `member` took: the request was refused after admission.
-    pub async fn refund(&self, user: &str, member: &str) {
-        let keys = [
+    /// The windows' sorted sets, in the script's order: user hour, user day, global hour.
+    fn keys(&self, user: &str) -> [String; 3] {
+        [
             format!("{}:user:{user}:hour", self.prefix),
             format!("{}:user:{user}:day", self.prefix),
             format!("{}:global:hour", self.prefix),
-        ];
-        for k in keys {
-            let r: Result<i64, _> = self.client.zrem(&k, member).await;
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "could not refund a rate-limit slot");
+        ]
+    }
+
+    /// Gives back the slot `member` took: the request was refused after admission. A member
+    /// that was never admitted is no one's slot, so this is harmless then.
+    pub async fn refund(&self, user: &str, member: &str) {
+        let pipeline = self.client.pipeline();
+        let queued: Result<(), fred::error::Error> = async {
+            for k in self.keys(user) {
+                let _: () = pipeline.zrem(k, member).await?;
             }
+            let _: Vec<i64> = pipeline.all().await?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = queued {
+            tracing::warn!(error = %e, "could not refund a rate-limit slot");
         }
     }
 
@@ -112,11 +122,7 @@ impl Limiter {
     ) -> Result<Decision, fred::error::Error> {
         let (per_hour, per_day) = self.limits_for(tier);
         let now = chrono::Utc::now().timestamp_millis();
-        let keys = vec![
-            format!("{}:user:{user}:hour", self.prefix),
-            format!("{}:user:{user}:day", self.prefix),
-            format!("{}:global:hour", self.prefix),
-        ];
+        let keys = Vec::from(self.keys(user));
         let args: Vec<Value> = vec![
             now.into(),
             member.into(),
@@ -132,7 +138,6 @@ impl Limiter {
             Decision::Admitted {
                 limit_hour: per_hour,
                 remaining_hour: at(1) as u32,
-                remaining_day: at(2) as u32,
             }
         } else {
             let (window, limit) = match at(1) {

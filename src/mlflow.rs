@@ -1,5 +1,5 @@
 //! The model source of the API: an MLflow tracking server's REST API. A model id is a
-//! registered model's name; its tags (names in `api.mlflow`) say whether it is validated, when,
+//! registered model's name; its tags (names in `api.mlflow`) say whether it is validated,
 //! who owns it and who contributed; the run named by a tag (or the latest version's run) holds
 //! the metric `<metric>` and its baseline `baseline_<metric>`.
 
@@ -26,11 +26,9 @@ pub struct Model {
     pub name: String,
     pub version: String,
     pub validated: bool,
-    pub validated_at: Option<String>,
     pub owner: Option<String>,
     pub contributors: Vec<Address>,
     pub run_id: Option<String>,
-    pub experiment_id: Option<String>,
     /// `(metric, baseline, current)` when the run has both values.
     pub metric: Option<(String, f64, f64)>,
 }
@@ -76,14 +74,7 @@ struct RunData {
 }
 
 #[derive(Deserialize)]
-struct RunInfo {
-    #[serde(default)]
-    experiment_id: Option<String>,
-}
-
-#[derive(Deserialize)]
 struct Run {
-    info: RunInfo,
     data: RunData,
 }
 
@@ -113,6 +104,16 @@ impl Mlflow {
         })
     }
 
+    /// An MLflow that did not answer `url`: the URL masked of credentials, then the cause
+    /// (stripped of its own copy of the URL).
+    fn unreachable(url: &str, e: reqwest::Error) -> MlflowError {
+        MlflowError::Unreachable(format!(
+            "{}: {}",
+            crate::config::mask_url(url),
+            e.without_url()
+        ))
+    }
+
     /// GET a REST path; `Ok(None)` for MLflow's `RESOURCE_DOES_NOT_EXIST`.
     async fn get<T: serde::de::DeserializeOwned>(
         &self,
@@ -123,15 +124,15 @@ impl Mlflow {
             .map_err(|e| MlflowError::Unreachable(format!("bad mlflow url: {e}")))?;
         let r = self
             .http
-            .get(url)
+            .get(url.as_str())
             .send()
             .await
-            .map_err(|e| MlflowError::Unreachable(crate::config::mask_url(&e.to_string())))?;
+            .map_err(|e| Self::unreachable(url.as_str(), e))?;
         let status = r.status().as_u16();
         let body = r
             .bytes()
             .await
-            .map_err(|e| MlflowError::Unreachable(e.to_string()))?;
+            .map_err(|e| Self::unreachable(url.as_str(), e))?;
         if status == 404 {
             return Ok(None);
         }
@@ -177,27 +178,25 @@ impl Mlflow {
             .iter()
             .max_by_key(|v| v.version.parse::<u64>().unwrap_or(0));
         let run_id = tag(&s.run_tag).or_else(|| latest.and_then(|v| v.run_id.clone()));
-        let metric_name = tag(&s.metric_tag);
+        let validated = tag(&s.validated_tag).is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        // The run's metric only matters for a validated model with a metric named: an
+        // unvalidated one is refused whatever its run says.
         let mut metric = None;
-        let mut experiment_id = None;
-        if let Some(run_id) = &run_id {
+        if let (true, Some(run_id), Some(name)) = (validated, &run_id, tag(&s.metric_tag)) {
             if let Some(RunAnswer { run }) = self
                 .get("/api/2.0/mlflow/runs/get", &[("run_id", run_id)])
                 .await?
             {
-                experiment_id = run.info.experiment_id;
-                if let Some(name) = &metric_name {
-                    let value = |k: &str| {
-                        run.data
-                            .metrics
-                            .iter()
-                            .find(|m| m.key == k)
-                            .and_then(|m| m.value.as_f64())
-                            .filter(|v| v.is_finite() && v.abs() < f64::MAX)
-                    };
-                    if let (Some(b), Some(c)) = (value(&format!("baseline_{name}")), value(name)) {
-                        metric = Some((name.clone(), b, c));
-                    }
+                let value = |k: &str| {
+                    run.data
+                        .metrics
+                        .iter()
+                        .find(|m| m.key == k)
+                        .and_then(|m| m.value.as_f64())
+                        .filter(|v| v.is_finite() && v.abs() < f64::MAX)
+                };
+                if let (Some(b), Some(c)) = (value(&format!("baseline_{name}")), value(&name)) {
+                    metric = Some((name, b, c));
                 }
             }
         }
@@ -206,8 +205,7 @@ impl Mlflow {
             version: latest
                 .map(|v| v.version.clone())
                 .unwrap_or_else(|| "1".into()),
-            validated: tag(&s.validated_tag).is_some_and(|v| v.eq_ignore_ascii_case("true")),
-            validated_at: tag(&s.validated_at_tag),
+            validated,
             owner: tag(&s.owner_tag),
             contributors: tag(&s.contributors_tag)
                 .map(|v| {
@@ -217,19 +215,19 @@ impl Mlflow {
                 })
                 .unwrap_or_default(),
             run_id,
-            experiment_id,
             metric,
         }))
     }
 
     /// Whether MLflow answers (readiness of the API).
     pub async fn ping(&self) -> Result<(), MlflowError> {
+        let url = format!("{}/health", self.base);
         let r = self
             .http
-            .get(format!("{}/health", self.base))
+            .get(&url)
             .send()
             .await
-            .map_err(|e| MlflowError::Unreachable(e.to_string()))?;
+            .map_err(|e| Self::unreachable(&url, e))?;
         if r.status().is_success() {
             Ok(())
         } else {

@@ -53,8 +53,8 @@ impl OpsState {
     pub fn for_api(
         settings: &Settings,
         metrics: Option<PrometheusHandle>,
+        mlflow: crate::mlflow::Mlflow,
     ) -> anyhow::Result<Arc<OpsState>> {
-        let mlflow = crate::mlflow::Mlflow::new(&settings.api.mlflow)?;
         Self::build(settings, metrics, None, Some(mlflow))
     }
 
@@ -97,11 +97,20 @@ pub fn router(state: Arc<OpsState>) -> Router {
 
 /// Binds the configured address; port 0 picks a free port.
 pub async fn bind(settings: &Settings) -> anyhow::Result<tokio::net::TcpListener> {
-    let ip: std::net::IpAddr = settings.ops.bind.parse()?;
-    let addr = SocketAddr::new(ip, settings.ops.port);
+    listen(&settings.ops.bind, settings.ops.port, "the ops server").await
+}
+
+/// Binds `ip:port` for `what` (named in the error); port 0 picks a free port.
+pub(crate) async fn listen(
+    ip: &str,
+    port: u16,
+    what: &str,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    let ip: std::net::IpAddr = ip.parse()?;
+    let addr = SocketAddr::new(ip, port);
     tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("binding the ops server to {addr}: {e}"))
+        .map_err(|e| anyhow::anyhow!("binding {what} to {addr}: {e}"))
 }
 
 /// Serves until `shutdown`, running the metrics upkeep beside it.
@@ -190,10 +199,15 @@ impl OpsState {
             .chain
             .rpc_urls
             .iter()
-            .chain(std::iter::once(&self.settings.redis.url))
+            .chain([&self.settings.redis.url, &self.settings.api.mlflow.url])
+            .filter(|u| !u.is_empty())
         {
             let masked = mask_url(u);
             if let Ok(parsed) = url::Url::parse(u) {
+                if parsed.as_str() == masked {
+                    // Nothing to hide; replacing would only add a `/` after the host.
+                    continue;
+                }
                 s = s.replace(parsed.as_str(), &masked);
             }
             s = s.replace(u.as_str(), &masked);
@@ -283,11 +297,12 @@ impl OpsState {
     }
 
     async fn readiness(&self) -> (bool, serde_json::Map<String, Json_>) {
-        let (redis, chain, registry, mlflow) = tokio::join!(
+        let (redis, chain, registry, mlflow, balance) = tokio::join!(
             self.redis_probe(),
             self.chain_probe(),
             self.registry_probe(),
-            self.mlflow_probe()
+            self.mlflow_probe(),
+            self.balance_component()
         );
         let mut components = vec![("redis", redis), ("chain", chain), ("registry", registry)];
         if let Some(m) = mlflow {
@@ -296,7 +311,7 @@ impl OpsState {
         if let Some(w) = self.worker_component() {
             components.push(("worker", w));
         }
-        if let Some(b) = self.balance_component().await {
+        if let Some(b) = balance {
             components.push(("balance", b));
         }
         let ok = components.iter().all(|(_, c)| c.is_up());

@@ -530,6 +530,15 @@ impl Queues {
     }
 }
 
+/// Deletes `key` only while its value is still `owner` (a lock or claim we hold); the same
+/// script as the workers' unlock.
+pub async fn delete_if_holds(client: &Client, key: &str, owner: &str) -> Result<(), QueueError> {
+    let _: i64 = client
+        .eval(UNLOCK_SCRIPT, vec![key.to_owned()], vec![owner.to_owned()])
+        .await?;
+    Ok(())
+}
+
 /// Key names of the state shared by workers and operator commands, spelled in one place.
 pub fn workers_key(state_prefix: &str) -> String {
     format!("{state_prefix}:workers")

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use fred::prelude::*;
+use futures::StreamExt;
 use hokusai_deployer::chain::ModelRegistry;
 use hokusai_deployer::localstack;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -253,13 +254,13 @@ async fn a_validated_model_is_deployed_through_the_api_and_its_status_completes(
     );
 
     // The image's HEALTHCHECK command finds the API's port.
-    let hc = std::process::Command::new(env!("CARGO_BIN_EXE_hokusai-deployer"))
-        .arg("healthcheck")
-        .env_clear()
-        .env("HOKUSAI__OPS__PORT", localstack::free_port().to_string())
-        .env("HOKUSAI__API__PORT", api.ops_port.to_string())
-        .output()
-        .unwrap();
+    let hc = crate::cli::run(
+        &["healthcheck"],
+        &[
+            ("HOKUSAI__OPS__PORT", &localstack::free_port().to_string()),
+            ("HOKUSAI__API__PORT", &api.ops_port.to_string()),
+        ],
+    );
     assert!(
         hc.status.success(),
         "{}",
@@ -476,6 +477,49 @@ async fn every_refusal_carries_the_seed_error_code() {
     expect(&a, 413, "PAYLOAD_TOO_LARGE");
 }
 
+/// A request that times out (its MLflow accepts the connection and never answers) gives back
+/// what it took, as a refused one does: its quota slot and its Idempotency-Key, so the retry
+/// the TIMEOUT answer invites, with the same key and through another API process, is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_request_gives_back_its_quota_slot_and_idempotency_key() {
+    let stack = Stack::start().await;
+    let model = seed_model(&unique("api_timeout"), true).await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let holder = {
+        let accepted = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(socket);
+            }
+        })
+    };
+    let slow = stack.api(
+        "api-timeout",
+        &silent_url,
+        &[("HOKUSAI__API__REQUEST_TIMEOUT_MS", "500")],
+    );
+    // Not `ready`: its MLflow never answers the readiness probe either.
+    slow.until("/health", "the API up", |code, _| code == 200)
+        .await;
+    let token = jwt(OWNER, OWNER_ADDRESS);
+    let key = [("idempotency-key", "k-timeout")];
+    let a = post(&slow, Some(&token), request(&model), &key).await;
+    expect(&a, 503, "TIMEOUT");
+    // It timed out asking MLflow for the model: after it took the key and a quota slot.
+    assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+
+    let api = stack.api("api-after-timeout", mlflow().await, &[]);
+    ready(&api).await;
+    let retry = post(&api, Some(&token), request(&model), &key).await;
+    assert_eq!(retry.status, 202, "{}", retry.body);
+    assert_eq!(retry.headers["x-ratelimit-remaining"], "4");
+    holder.abort();
+}
+
 /// A deployment the chain refuses (the worker's key is no registrar) ends `failed` with
 /// `DEPLOYMENT_FAILED` and the deployment's transaction hash.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -503,10 +547,11 @@ async fn a_deployment_the_chain_refuses_reports_deployment_failed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_posts_admit_exactly_five_across_two_api_processes() {
     let stack = Stack::start().await;
-    let mut models = Vec::new();
-    for i in 0..50 {
-        models.push(seed_model(&unique(&format!("api_rate{i}")), true).await);
-    }
+    let models: Vec<String> = futures::stream::iter(0..50)
+        .map(|i| async move { seed_model(&unique(&format!("api_rate{i}")), true).await })
+        .buffer_unordered(8)
+        .collect()
+        .await;
     let apis = [
         stack.api("api-rate-a", mlflow().await, &[]),
         stack.api("api-rate-b", mlflow().await, &[]),
@@ -546,7 +591,6 @@ async fn fifty_concurrent_posts_admit_exactly_five_across_two_api_processes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     let stack = Stack::start().await;
-    let model = seed_model(&unique("api_fuzz"), true).await;
     let api = stack.api("api-fuzz", mlflow().await, &[]);
     ready(&api).await;
     let bin = localstack::find_tool("schemathesis", "HOKUSAI_SCHEMATHESIS")
@@ -593,7 +637,6 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     );
     // It got past authentication to the body rules and the model checks.
     assert!(!report.contains("Authentication failed"), "{report}");
-    let _ = model;
 }
 
 /// A full run (a queued message and an API deployment, through an RPC URL with credentials, a
@@ -614,8 +657,8 @@ async fn no_secret_appears_in_logs_events_health_or_metrics() {
         ("HOKUSAI__CHAIN__RPC_URLS", rpc.as_str()),
         ("HOKUSAI__API__API_KEYS", SERVICE_KEY),
     ];
-    let worker = stack.daemon("leak-worker", &env, &[]);
-    let api = stack.api("leak-api", mlflow().await, &env);
+    let mut worker = stack.daemon("leak-worker", &env, &[]);
+    let mut api = stack.api("leak-api", mlflow().await, &env);
     ready(&api).await;
     stack
         .push(&crate::harness::model_message(
@@ -635,21 +678,21 @@ async fn no_secret_appears_in_logs_events_health_or_metrics() {
             seen.push(d.get(path).await.1);
         }
     }
-    let events: Vec<String> = stack
-        .client
-        .lrange("hokusai:token_deployed_queue", 0, -1)
-        .await
-        .unwrap();
-    assert_eq!(events.len(), 2, "both deployments published");
-    seen.extend(events);
+    // Both deployments publish; the queued message's may come after the API's.
+    for _ in 0..2 {
+        seen.push(stack.next("hokusai:token_deployed_queue").await);
+    }
+    assert_eq!(
+        stack.len("hokusai:token_deployed_queue").await,
+        0,
+        "both deployments published, once each"
+    );
     let audit: Vec<(String, std::collections::HashMap<String, String>)> = stack
         .client
         .xrange("hokusai:deployer:audit", "-", "+", None)
         .await
         .unwrap();
     seen.extend(audit.into_iter().map(|(_, f)| format!("{f:?}")));
-    let mut worker = worker;
-    let mut api = api;
     worker.sigterm(Duration::from_secs(30)).await;
     api.sigterm(Duration::from_secs(30)).await;
     for name in ["leak-worker", "leak-api"] {
