@@ -13,8 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hokusai_deployer::config::{Secret, Settings, Sources};
-use hokusai_deployer::{chain, localstack};
+use hokusai_deployer::localstack;
 use jsonwebtoken::{encode, EncodingKey, Header};
 
 #[path = "common/mod.rs"]
@@ -117,18 +116,12 @@ async fn main() -> anyhow::Result<()> {
     let connections = env_or("BENCH_CONNECTIONS", 100);
     let gets = env_or("BENCH_GETS", 20_000);
     let dir = tempfile::tempdir()?;
-    let redis = localstack::redis(dir.path(), &[]).await?;
-    let anvil = localstack::anvil(&[]).await?;
+    let common::Stack {
+        redis: _redis,
+        anvil: _anvil,
+        mut env,
+    } = common::stack(dir.path(), &[]).await?;
     let mlflow = localstack::mlflow(dir.path()).await?;
-    let mut env = vec![
-        ("HOKUSAI__REDIS__URL".to_string(), redis.url("redis")),
-        ("HOKUSAI__CHAIN__RPC_URLS".to_string(), anvil.url("http")),
-    ];
-    let settings = Settings::load(Sources {
-        file: None,
-        env: env.clone(),
-    })?;
-    let boot = chain::bootstrap(&settings, &Secret::new(localstack::ANVIL_DEV_KEY), None).await?;
     let names: Vec<String> = (0..models).map(|i| format!("bench_api_{i}")).collect();
     let seeding = Instant::now();
     for n in &names {
@@ -140,14 +133,6 @@ async fn main() -> anyhow::Result<()> {
     );
     let port = localstack::free_port();
     env.extend([
-        (
-            "HOKUSAI__CHAIN__MODEL_REGISTRY_ADDRESS".into(),
-            boot.model_registry.to_string(),
-        ),
-        (
-            "HOKUSAI__CHAIN__TOKEN_MANAGER_ADDRESS".into(),
-            boot.token_manager.to_string(),
-        ),
         ("HOKUSAI__API__PORT".into(), port.to_string()),
         ("HOKUSAI__API__BIND".into(), "127.0.0.1".into()),
         ("HOKUSAI__API__JWT__SECRET".into(), SECRET.into()),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use alloy::providers::Provider;
 use fred::prelude::*;
-use hokusai_deployer::config::{Secret, Settings, Sources};
+use hokusai_deployer::config::{Settings, Sources};
 use hokusai_deployer::{chain, localstack};
 
 #[path = "common/mod.rs"]
@@ -91,27 +91,16 @@ async fn main() -> anyhow::Result<()> {
     let n = env_or("BENCH_N", 1000);
     let concurrency = env_or("BENCH_CONCURRENCY", 64);
     let dir = tempfile::tempdir()?;
-    let redis = localstack::redis(dir.path(), &[]).await?;
-    let anvil = localstack::anvil(&["--block-time", "1"]).await?;
-    let mut env = vec![
-        ("HOKUSAI__REDIS__URL".to_string(), redis.url("redis")),
-        ("HOKUSAI__CHAIN__RPC_URLS".to_string(), anvil.url("http")),
-    ];
+    let common::Stack {
+        redis: _redis,
+        anvil: _anvil,
+        mut env,
+    } = common::stack(dir.path(), &["--block-time", "1"]).await?;
     let settings = Settings::load(Sources {
         file: None,
         env: env.clone(),
     })?;
-    let key = Secret::new(localstack::ANVIL_DEV_KEY);
-    let boot = chain::bootstrap(&settings, &key, None).await?;
     env.extend([
-        (
-            "HOKUSAI__CHAIN__MODEL_REGISTRY_ADDRESS".into(),
-            boot.model_registry.to_string(),
-        ),
-        (
-            "HOKUSAI__CHAIN__TOKEN_MANAGER_ADDRESS".into(),
-            boot.token_manager.to_string(),
-        ),
         (
             "HOKUSAI__CHAIN__PRIVATE_KEY".into(),
             localstack::ANVIL_DEV_KEY.into(),

@@ -70,3 +70,40 @@ pub fn spawn(
             .spawn()?,
     )
 }
+
+/// A bench's chain and queue: redis-server and anvil (with `anvil_args`) on free ports, the
+/// contracts deployed with anvil's first key, and the environment that reaches them.
+pub struct Stack {
+    pub redis: hokusai_deployer::localstack::Service,
+    pub anvil: hokusai_deployer::localstack::Service,
+    pub env: Vec<(String, String)>,
+}
+
+pub async fn stack(dir: &std::path::Path, anvil_args: &[&str]) -> anyhow::Result<Stack> {
+    use hokusai_deployer::config::{Secret, Settings, Sources};
+    use hokusai_deployer::{chain, localstack};
+
+    let redis = localstack::redis(dir, &[]).await?;
+    let anvil = localstack::anvil(anvil_args).await?;
+    let mut env = vec![
+        ("HOKUSAI__REDIS__URL".to_string(), redis.url("redis")),
+        ("HOKUSAI__CHAIN__RPC_URLS".to_string(), anvil.url("http")),
+    ];
+    let settings = Settings::load(Sources {
+        file: None,
+        env: env.clone(),
+    })?;
+    let key = Secret::new(localstack::ANVIL_DEV_KEY);
+    let boot = chain::bootstrap(&settings, &key, None).await?;
+    env.extend([
+        (
+            "HOKUSAI__CHAIN__MODEL_REGISTRY_ADDRESS".into(),
+            boot.model_registry.to_string(),
+        ),
+        (
+            "HOKUSAI__CHAIN__TOKEN_MANAGER_ADDRESS".into(),
+            boot.token_manager.to_string(),
+        ),
+    ]);
+    Ok(Stack { redis, anvil, env })
+}
