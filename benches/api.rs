@@ -135,6 +135,12 @@ async fn main() -> anyhow::Result<()> {
     env.extend([
         ("HOKUSAI__API__PORT".into(), port.to_string()),
         ("HOKUSAI__API__BIND".into(), "127.0.0.1".into()),
+        // The API's ops listener (/metrics), on a free port of its own.
+        (
+            "HOKUSAI__OPS__PORT".into(),
+            localstack::free_port().to_string(),
+        ),
+        ("HOKUSAI__OPS__BIND".into(), "127.0.0.1".into()),
         ("HOKUSAI__API__JWT__SECRET".into(), SECRET.into()),
         ("HOKUSAI__API__MLFLOW__URL".into(), mlflow.clone()),
         (

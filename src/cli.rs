@@ -45,7 +45,8 @@ pub enum Command {
         #[arg(long, hide = true)]
         unsafe_no_journal: bool,
     },
-    /// Serve the HTTP deployment API (port `api.port`, 3001) with /health and /metrics; the
+    /// Serve the HTTP deployment API (port `api.port`, 3001, with /health and /health/ready;
+    /// /health/detailed and /metrics on `ops.port`); the
     /// workers (`run`) do the deployments it queues, so the two scale apart.
     Api,
     /// Exit 0 if this container's service answers `GET /health` (the ops port or the API
@@ -230,9 +231,20 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             let state = crate::api::ApiState::new(&settings).await?;
             let ops_state = ops::OpsState::for_api(&settings, Some(metrics), state.mlflow())?;
             let listener = crate::api::bind(&settings).await?;
-            tracing::info!(addr = %listener.local_addr()?, "API listening (/api/deployments, /api/openapi.json, /health, /metrics)");
-            crate::api::serve(listener, state, ops_state.clone(), shutdown).await?;
+            let ops_listener = ops::bind(&settings).await?;
+            tracing::info!(addr = %listener.local_addr()?, "API listening (/api/deployments, /api/deployments/quote, /api/openapi.json, /health, /health/ready)");
+            tracing::info!(addr = %ops_listener.local_addr()?, "ops server listening (/health, /health/ready, /health/detailed, /metrics)");
+            let ops_task = tokio::spawn(ops::serve(
+                ops_listener,
+                ops_state.clone(),
+                shutdown.clone(),
+            ));
+            let served =
+                crate::api::serve(listener, state, ops_state.clone(), shutdown.clone()).await;
+            shutdown.cancel();
+            let _ = ops_task.await;
             ops_state.close().await;
+            served?;
             Ok(())
         }
         Command::Healthcheck { url } => {

@@ -46,6 +46,7 @@ const LIST_KEYS: &[&str] = &[
     "chain.rpc_urls",
     "chain.aws_kms_key_ids",
     "api.cors_origins",
+    "api.trusted_proxies",
     "api.jwt.algorithms",
 ];
 
@@ -62,6 +63,14 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// An address (`10.0.0.7`) or a CIDR block (`10.0.0.0/16`), as `api.trusted_proxies` holds them.
+pub fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{s}` is neither an IP address nor a CIDR block"))
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -334,7 +343,12 @@ pub struct ApiSettings {
     pub api_keys: Option<Secret>,
     /// How long a deployment's record and status are kept.
     pub deployment_ttl_days: u64,
+    /// Proxies (addresses or CIDR blocks) whose `X-Forwarded-For` names the client: the load
+    /// balancer. A peer not listed is the client itself, whatever it forwards.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     pub jwt: JwtSettings,
+    pub siwe: SiweSettings,
     pub limits: LimitSettings,
     pub mlflow: MlflowSettings,
 }
@@ -355,6 +369,24 @@ pub struct JwtSettings {
     pub audience: Option<String>,
     /// Clock skew allowed on `exp` and `nbf`.
     pub leeway_secs: u64,
+    /// Refuse tokens without a `jti` (each token then serves one deployment request).
+    #[serde(default)]
+    pub require_jti: bool,
+}
+
+/// Sign-In with Ethereum (EIP-4361) proofs of an address, beside the JWT.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct SiweSettings {
+    /// The domain a message must name (the front end's host, `app.hokus.ai`); unset refuses
+    /// every proof.
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// A prefix the message's URI must start with; unset: the URI's host must be the domain.
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// A message issued longer ago is refused, even without an expiration time; this bounds
+    /// how long a used nonce is remembered.
+    pub max_age_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -368,6 +400,10 @@ pub struct LimitSettings {
     /// Circuit breaker: deployments accepted from all users per hour; beyond it every request
     /// is refused with `SERVICE_UNAVAILABLE` until the hour rolls on.
     pub global_per_hour: u32,
+    /// Failed authentications one client address may make per minute; then `429`.
+    pub auth_failures_per_minute: u32,
+    /// Status and quote requests one user may make per minute; then `429`.
+    pub status_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -580,6 +616,35 @@ impl Settings {
             return Err(invalid(
                 "queues.inbound",
                 "must differ from the DLQ and outbound queue",
+            ));
+        }
+        for p in &self.api.trusted_proxies {
+            parse_net(p).map_err(|reason| invalid("api.trusted_proxies", reason))?;
+        }
+        for (key, v) in [
+            (
+                "api.limits.auth_failures_per_minute",
+                self.api.limits.auth_failures_per_minute,
+            ),
+            (
+                "api.limits.status_per_minute",
+                self.api.limits.status_per_minute,
+            ),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self
+            .api
+            .siwe
+            .domain
+            .as_deref()
+            .is_some_and(|d| d.trim().is_empty())
+        {
+            return Err(invalid(
+                "api.siwe.domain",
+                "must not be blank (leave it unset to refuse SIWE proofs)",
             ));
         }
         if self.pipeline.concurrency == 0 {

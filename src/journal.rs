@@ -73,6 +73,10 @@ pub struct Entry {
     pub register: Option<TxRecord>,
     /// The published `token_deployed` event, verbatim.
     pub event: Option<String>,
+    /// When each step began (RFC 3339, milliseconds): the status API's `updated_at`.
+    pub deploy_at: Option<String>,
+    pub register_at: Option<String>,
+    pub event_at: Option<String>,
 }
 
 impl Entry {
@@ -106,10 +110,17 @@ impl Entry {
     }
 }
 
+/// Now, RFC 3339 in milliseconds: steps of one deployment can be milliseconds apart.
+fn now_ms() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 #[derive(Clone)]
 pub struct Journal {
     client: Client,
     prefix: String,
+    /// [`crate::queue::symbols_key`].
+    symbols: String,
     /// Off only in the test that proves the journal is what prevents double deployments.
     enabled: bool,
 }
@@ -119,6 +130,7 @@ impl Journal {
         Journal {
             client,
             prefix: format!("{state_prefix}:journal"),
+            symbols: crate::queue::symbols_key(state_prefix),
             enabled,
         }
     }
@@ -173,6 +185,9 @@ impl Journal {
                 .map_err(|_| corrupt("token_address"))?,
             register: tx(Step::Register)?,
             event: h.get("event").cloned(),
+            deploy_at: h.get("deploy_at").cloned(),
+            register_at: h.get("register_at").cloned(),
+            event_at: h.get("event_at").cloned(),
         })
     }
 
@@ -187,8 +202,9 @@ impl Journal {
             return Ok(());
         }
         let model_json = serde_json::to_string(model).expect("ModelReady always serializes");
-        let _: () = self
-            .client
+        // The symbol joins the issued ones, so the API generates no symbol a model already has.
+        let p = self.client.pipeline();
+        let _: () = p
             .hset(
                 self.key(&model.model_id),
                 vec![
@@ -198,6 +214,10 @@ impl Journal {
                 ],
             )
             .await?;
+        let _: () = p
+            .hsetnx(&self.symbols, &model.chain_symbol, &model.model_id)
+            .await?;
+        let _: Vec<Value> = p.all().await?;
         Ok(())
     }
 
@@ -231,6 +251,10 @@ impl Journal {
         if let Some(a) = token_address {
             fields.push(("token_address".into(), a.to_string()));
         }
+        if rec.replaced.is_empty() {
+            // The step's first transaction: when it began.
+            fields.push((format!("{p}_at"), now_ms()));
+        }
         let _: () = self.client.hset(self.key(model_id), fields).await?;
         Ok(())
     }
@@ -259,7 +283,10 @@ impl Journal {
         }
         let _: () = self
             .client
-            .hset(self.key(model_id), ("event", event))
+            .hset(
+                self.key(model_id),
+                vec![("event", event.to_owned()), ("event_at", now_ms())],
+            )
             .await?;
         Ok(())
     }

@@ -4,19 +4,20 @@
 //! processing list ([`queue`]), validates it ([`message`]), deploys a `HokusaiToken` and registers
 //! it in the `ModelRegistry` ([`chain`]), recording every transaction in a write-ahead
 //! [`journal`] before it is broadcast, publishes a `token_deployed` event and only then removes
-//! the message ([`pipeline`]). [`config`] builds the settings; [`localstack`] starts Redis and
-//! anvil for the quick start and the tests; [`cli`] is the command line.
+//! the message ([`pipeline`]). [`api`] is the HTTP deployment API, which queues the same
+//! messages; [`ops`] serves health and metrics, [`admin`] the operator commands, [`audit`]
+//! the audit trail, [`acl`] the Redis ACL file, [`mlflow`] the model registry the API reads,
+//! [`telemetry`] logs and metric names. [`config`] builds the settings; [`localstack`] starts
+//! Redis and anvil for the quick start and the tests; [`cli`] is the command line.
 
 pub mod acl;
 pub mod admin;
 pub mod api;
 pub mod audit;
-pub mod auth;
 pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod journal;
-pub mod limits;
 pub mod localstack;
 pub mod message;
 pub mod mlflow;

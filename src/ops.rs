@@ -34,8 +34,11 @@ pub struct OpsState {
     started: Instant,
     metrics: Option<PrometheusHandle>,
     worker: Option<Arc<WorkerStatus>>,
-    /// The API process's model source, probed for readiness.
+    /// The API process's model source, probed for readiness; set only in the API process.
     mlflow: Option<crate::mlflow::Mlflow>,
+    /// The API process: its Redis user reads only the inbound queue and state keys, so its
+    /// metrics report only those.
+    api: bool,
     timeout: Duration,
 }
 
@@ -75,6 +78,7 @@ impl OpsState {
             started: Instant::now(),
             metrics,
             worker,
+            api: mlflow.is_some(),
             mlflow,
             timeout: Duration::from_millis(settings.ops.probe_timeout_ms),
         }))
@@ -85,7 +89,15 @@ impl OpsState {
     }
 }
 
-/// The routes; the API server (port 3001) mounts the same `/health*` routes.
+/// The routes the API's public port serves too: what a load balancer needs.
+pub fn public_router(state: Arc<OpsState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/health/ready", get(ready))
+        .with_state(state)
+}
+
+/// The ops listener's routes (`ops.port`), for the worker and the API process alike.
 pub fn router(state: Arc<OpsState>) -> Router {
     Router::new()
         .route("/health", get(health))
@@ -361,25 +373,86 @@ impl OpsState {
         })
     }
 
-    async fn stats(&self) -> Option<Stats> {
-        let r = tokio::time::timeout(self.timeout, self.admin.stats()).await;
-        let stats = r.ok().and_then(Result::ok);
-        metrics::gauge!(names::REDIS_UP).set(if stats.is_some() { 1.0 } else { 0.0 });
-        if let Some(s) = &stats {
-            for (q, n) in [
-                ("inbound", s.inbound),
-                ("processing", s.processing),
-                ("dlq", s.dlq),
-                ("outbound", s.outbound),
-                ("failures", s.failures),
-            ] {
-                metrics::gauge!(names::QUEUE_DEPTH, "queue" => q).set(n as f64);
+    /// Queue depths and workers, as this process's Redis user may read them; sets the queue
+    /// gauges. `hokusai_redis_up` is set from a PING, so a depth this user may not read (the
+    /// API's) does not make Redis look down.
+    async fn stats(&self) -> Option<Depths> {
+        let (ping, depths) = tokio::join!(self.redis_probe(), async {
+            let r = if self.api {
+                tokio::time::timeout(self.timeout, self.inbound_depths())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            } else {
+                tokio::time::timeout(self.timeout, self.admin.stats())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(Depths::All)
+            };
+            r
+        });
+        metrics::gauge!(names::REDIS_UP).set(if ping.is_up() { 1.0 } else { 0.0 });
+        match &depths {
+            Some(Depths::All(s)) => {
+                for (q, n) in [
+                    ("inbound", s.inbound),
+                    ("processing", s.processing),
+                    ("dlq", s.dlq),
+                    ("outbound", s.outbound),
+                    ("failures", s.failures),
+                ] {
+                    metrics::gauge!(names::QUEUE_DEPTH, "queue" => q).set(n as f64);
+                }
+                metrics::gauge!(names::WORKERS)
+                    .set(s.workers.iter().filter(|w| w.alive).count() as f64);
+                metrics::gauge!(names::PAUSED).set(if s.paused.is_some() { 1.0 } else { 0.0 });
             }
-            metrics::gauge!(names::WORKERS)
-                .set(s.workers.iter().filter(|w| w.alive).count() as f64);
-            metrics::gauge!(names::PAUSED).set(if s.paused.is_some() { 1.0 } else { 0.0 });
+            Some(Depths::Inbound { inbound, paused }) => {
+                metrics::gauge!(names::QUEUE_DEPTH, "queue" => "inbound").set(*inbound as f64);
+                metrics::gauge!(names::PAUSED).set(if *paused { 1.0 } else { 0.0 });
+            }
+            None => {}
         }
-        stats
+        depths
+    }
+
+    /// What the API's Redis user may read (the `hokusai-api` ACL role): the inbound queue and
+    /// the pause flag.
+    async fn inbound_depths(&self) -> Result<Depths, fred::error::Error> {
+        let p = self.redis.pipeline();
+        let _: () = p.llen(&self.settings.queues.inbound).await?;
+        let _: () = p
+            .exists(crate::queue::pause_key(&self.settings.queues.state_prefix))
+            .await?;
+        let (inbound, paused): (u64, i64) = p.all().await?;
+        Ok(Depths::Inbound {
+            inbound,
+            paused: paused > 0,
+        })
+    }
+}
+
+/// Queue depths as one process may read them.
+enum Depths {
+    /// A worker's (or operator's) view: every queue and worker.
+    All(Stats),
+    /// The API's view.
+    Inbound { inbound: u64, paused: bool },
+}
+
+impl Depths {
+    fn queues(&self) -> Json_ {
+        match self {
+            Depths::All(st) => json!({
+                "inbound": st.inbound,
+                "processing": st.processing,
+                "dlq": st.dlq,
+                "outbound": st.outbound,
+                "failures": st.failures,
+            }),
+            Depths::Inbound { inbound, .. } => json!({ "inbound": inbound }),
+        }
     }
 }
 
@@ -419,15 +492,13 @@ async fn detailed(State(s): State<Arc<OpsState>>) -> Response {
         "uptime_secs": s.started.elapsed().as_secs(),
         "memory": memory,
         "components": components,
-        "queues": stats.as_ref().map(|st| json!({
-            "inbound": st.inbound,
-            "processing": st.processing,
-            "dlq": st.dlq,
-            "outbound": st.outbound,
-            "failures": st.failures,
-        })),
-        "workers": stats.as_ref().map(|st| &st.workers),
-        "paused": stats.as_ref().map(|st| &st.paused),
+        "queues": stats.as_ref().map(Depths::queues),
+        "workers": match &stats { Some(Depths::All(st)) => Some(&st.workers), _ => None },
+        "paused": match &stats {
+            Some(Depths::All(st)) => json!(st.paused),
+            Some(Depths::Inbound { paused, .. }) => json!(paused),
+            None => Json_::Null,
+        },
         "worker": worker,
         "config": s.settings,
     });

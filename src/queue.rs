@@ -557,6 +557,12 @@ pub fn outcome_key(state_prefix: &str, message_id: &str) -> String {
     format!("{state_prefix}:outcome:{message_id}")
 }
 
+/// Every token symbol this deployment has issued, symbol -> model id: what a generated symbol
+/// must differ from (the journal records each deployed model's symbol here).
+pub fn symbols_key(state_prefix: &str) -> String {
+    format!("{state_prefix}:symbols")
+}
+
 pub fn pause_key(state_prefix: &str) -> String {
     format!("{state_prefix}:paused")
 }

@@ -54,6 +54,7 @@ pub mod names {
     pub const REPLACEMENTS: &str = "hokusai_tx_replacements_total";
     pub const FEE_WAITING: &str = "hokusai_messages_waiting_for_fees";
     pub const API_DURATION: &str = "hokusai_api_request_duration_seconds";
+    pub const API_ERRORS: &str = "hokusai_api_errors_total";
 }
 
 static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
@@ -145,11 +146,18 @@ fn describe() {
         PAUSED,
         "1 while the pause flag is set (workers take no new messages)."
     );
-    describe_gauge!(REDIS_UP, "1 if the last scrape could read Redis, else 0.");
+    describe_gauge!(
+        REDIS_UP,
+        "1 if Redis answered a PING at the last scrape, else 0."
+    );
     describe_histogram!(RPC_DURATION, "Latency of JSON-RPC requests, by method.");
     describe_histogram!(
         API_DURATION,
         "Latency of HTTP API requests, by route, method and status."
+    );
+    describe_counter!(
+        API_ERRORS,
+        "HTTP API error answers by code (the fixed set of docs/api.md); refusals are also audited."
     );
     describe_histogram!(REDIS_DURATION, "Latency of Redis commands, by operation.");
     describe_gauge!(

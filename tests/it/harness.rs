@@ -170,6 +170,12 @@ impl Stack {
         pid1: bool,
     ) -> Daemon {
         let ops_port = localstack::free_port();
+        // The API's own ops listener (/health/detailed, /metrics); a worker's is `ops_port`.
+        let metrics_port = if port_section == "HOKUSAI__OPS" {
+            ops_port
+        } else {
+            localstack::free_port()
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -191,12 +197,15 @@ impl Stack {
             .env("HOKUSAI__LOG__LEVEL", "info")
             .env(format!("{port_section}__PORT"), ops_port.to_string())
             .env(format!("{port_section}__BIND"), "127.0.0.1")
+            .env("HOKUSAI__OPS__PORT", metrics_port.to_string())
+            .env("HOKUSAI__OPS__BIND", "127.0.0.1")
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .kill_on_drop(true);
         Daemon {
             child: cmd.spawn().expect("the binary starts"),
             ops_port,
+            metrics_port,
             pid1,
         }
     }
@@ -372,14 +381,26 @@ pub fn log_path(name: &str) -> std::path::PathBuf {
 /// A worker running as a child process (a real `hokusai-deployer run`).
 pub struct Daemon {
     child: tokio::process::Child,
+    /// A worker's ops port; an API's public port.
     pub ops_port: u16,
+    /// The ops listener (`/health/detailed`, `/metrics`): for a worker the same as `ops_port`.
+    pub metrics_port: u16,
     pid1: bool,
 }
 
 impl Daemon {
-    /// GETs a path of the ops server: status and body.
+    /// GETs a path of the ops server (an API's public port): status and body.
     pub async fn get(&self, path: &str) -> (u16, String) {
-        let url = format!("http://127.0.0.1:{}{path}", self.ops_port);
+        self.get_at(self.ops_port, path).await
+    }
+
+    /// GETs a path of the ops listener (an API's `ops.port`).
+    pub async fn get_ops(&self, path: &str) -> (u16, String) {
+        self.get_at(self.metrics_port, path).await
+    }
+
+    async fn get_at(&self, port: u16, path: &str) -> (u16, String) {
+        let url = format!("http://127.0.0.1:{port}{path}");
         let r = reqwest::Client::new()
             .get(&url)
             .timeout(Duration::from_secs(10))

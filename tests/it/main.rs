@@ -3,6 +3,7 @@
 
 mod abi;
 mod api;
+mod api_auth;
 mod cli;
 mod contracts;
 mod crash;

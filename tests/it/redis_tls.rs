@@ -213,6 +213,15 @@ async fn a_deployment_runs_over_tls_as_acl_users_and_the_cli_needs_credentials()
     let id = a.body["deployment_id"].as_str().unwrap();
     let s = api::until_status(&api, &token, id, |v| v["status"] == "completed").await;
     assert_eq!(s["model_id"], model.as_str());
+    // Its metrics say Redis is up, and report only the depths its user may read.
+    let (code, metrics) = api.get_ops("/metrics").await;
+    assert_eq!(code, 200);
+    assert!(metrics.contains("\nhokusai_redis_up 1\n"), "{metrics}");
+    assert!(
+        metrics.contains(r#"hokusai_queue_depth{queue="inbound"} 0"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(r#"queue="dlq""#), "{metrics}");
 
     // TLS is enforced: a client without a certificate is turned away by the server.
     let no_cert = run(

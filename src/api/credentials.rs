@@ -5,8 +5,9 @@
 //! (`api.jwt.algorithms`) and match the kind of key configured for it (an HMAC secret for HS*,
 //! a PEM public key for RS*/PS*/ES*), so `alg: none` and algorithm confusion (an RS256 public
 //! key used as an HS256 secret) are refused. `exp` is required; `nbf`, `iss` and `aud` are
-//! checked when present or configured. Every refusal is one error with a reason for the log;
-//! the client only learns that authentication failed.
+//! checked when present or configured; `jti` is required with `api.jwt.require_jti`. Every
+//! refusal is one error with a reason for the log; the client only learns that authentication
+//! failed.
 
 use std::str::FromStr;
 
@@ -22,8 +23,13 @@ use crate::config::{ConfigError, Settings};
 pub struct Caller {
     /// The token's `sub`, or `service:<key id>` for a service key.
     pub user_id: String,
-    /// The token's Ethereum address claim, if any.
+    /// The token's Ethereum address claim, if any: an address the caller has proven (the
+    /// token's issuer vouches for it).
     pub address: Option<Address>,
+    /// The token's `jti`: with one, the token is good for one deployment request.
+    pub jti: Option<String>,
+    /// The token's `exp` (unix seconds); 0 for a service key.
+    pub expires_at: u64,
     /// Rate-limit tier from the token (`tier` claim); `service` for service keys.
     pub tier: Option<String>,
     /// True for a service key: the body's `user_address` is taken as given.
@@ -42,6 +48,9 @@ struct Claims {
     address: Option<String>,
     #[serde(default)]
     tier: Option<String>,
+    #[serde(default)]
+    jti: Option<String>,
+    exp: u64,
 }
 
 pub struct Authenticator {
@@ -49,6 +58,8 @@ pub struct Authenticator {
     keys: Vec<(Algorithm, DecodingKey, Validation)>,
     /// SHA-256 of each service key.
     service_keys: Vec<[u8; 32]>,
+    /// `api.jwt.require_jti`.
+    require_jti: bool,
 }
 
 fn digest(s: &str) -> [u8; 32] {
@@ -139,6 +150,7 @@ impl Authenticator {
                 .iter()
                 .map(|k| digest(k.expose()))
                 .collect(),
+            require_jti: jwt.require_jti,
         })
     }
 
@@ -164,11 +176,22 @@ impl Authenticator {
                     .map_err(|_| Refused("`address` claim is not an Ethereum address".into()))
             })
             .transpose()?;
+        let jti = c.jti.filter(|j| !j.is_empty());
+        if jti.as_ref().is_some_and(|j| j.len() > 256) {
+            return Err(Refused("`jti` is longer than 256".into()));
+        }
+        if self.require_jti && jti.is_none() {
+            return Err(Refused(
+                "`jti` is missing and api.jwt.require_jti is set".into(),
+            ));
+        }
         Ok(Caller {
             user_id: c.sub,
             address,
             tier: c.tier,
             service: false,
+            jti,
+            expires_at: c.exp,
         })
     }
 
@@ -181,6 +204,8 @@ impl Authenticator {
                 address: None,
                 tier: Some("service".into()),
                 service: true,
+                jti: None,
+                expires_at: 0,
             })
         } else {
             Err(Refused("unknown API key".into()))
@@ -400,6 +425,21 @@ mod tests {
         assert!(both
             .jwt(&token(claims_only(), Algorithm::HS256, SECRET.as_bytes()))
             .is_ok());
+    }
+
+    #[test]
+    fn a_token_without_jti_is_refused_only_when_jti_is_required() {
+        let t = token(good(), Algorithm::HS256, SECRET.as_bytes());
+        assert_eq!(auth(&[]).jwt(&t).unwrap().jti, None);
+        let strict = auth(&[("HOKUSAI__API__JWT__REQUIRE_JTI", "true")]);
+        assert!(strict.jwt(&t).is_err());
+        let mut c = good();
+        c["jti"] = "id-1".into();
+        let with = strict
+            .jwt(&token(c, Algorithm::HS256, SECRET.as_bytes()))
+            .unwrap();
+        assert_eq!(with.jti.as_deref(), Some("id-1"));
+        assert!(with.expires_at > now());
     }
 
     #[test]
