@@ -4,6 +4,8 @@
 # they are not (or on `deploy.sh <env> rollback`).
 # usage: deploy.sh <env> <image> | deploy.sh <env> rollback
 # needs: aws CLI, envsubst, jq; AWS_REGION, AWS_ACCOUNT_ID, CHAIN_ID; cluster hokusai-<env>.
+# The API service's ALB target group is container `api` port 3001 (health check /health/ready);
+# the ops port 9091 of either task is in no target group (security group: Prometheus only).
 set -euo pipefail
 env=${1:?usage: deploy.sh <env> <image>|rollback}
 what=${2:?usage: deploy.sh <env> <image>|rollback}
