@@ -41,7 +41,13 @@ async fn main() -> anyhow::Result<()> {
         ("HOKUSAI__OPS__BIND".to_string(), "127.0.0.1".to_string()),
     ];
     let mut settings = Settings::load(Sources { file: None, env })?;
-    let b = chain::bootstrap(&settings, &Secret::new(localstack::ANVIL_DEV_KEY), None).await?;
+    let b = chain::bootstrap(
+        &settings,
+        &Secret::new(localstack::ANVIL_DEV_KEY),
+        &[],
+        chain::contracts::NO_NAMESPACE,
+    )
+    .await?;
     settings.chain.model_registry_address = b.model_registry.to_string();
     settings.chain.token_manager_address = b.token_manager.to_string();
 

@@ -6,24 +6,52 @@ import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
 
 /// @title HokusaiToken
 /// @notice The ERC-20 token of one Hokusai model. Only its controller (the TokenManager)
-///         mints and burns; the owner (the deployer) may hand control to another manager.
+///         mints and burns; the owner may hand control to another manager.
+/// @dev Deployed two ways. On its own, with seed 000 §3's constructor: the deployer is the
+///      owner. Or as an EIP-1167 clone of one implementation, created and initialized by the
+///      TokenManager in one transaction (`TokenManager.deployToken`): the manager is the owner.
+///      A token is initialized once: its controller is never zero afterwards, and the
+///      implementation's own constructor initializes the implementation, so nobody can.
 contract HokusaiToken is ERC20, Ownable {
     /// @notice The only address allowed to mint and burn.
     address public controller;
+
+    /// @dev A clone's name and symbol: the constructor's ERC20 storage is not a clone's.
+    string private _cloneName;
+    string private _cloneSymbol;
 
     event ControllerSet(address indexed controller);
 
     error NotController(address caller);
     error ZeroController();
+    error AlreadyInitialized();
 
     /// @dev Seed 000 §3 signature; OpenZeppelin v5's Ownable needs an owner, which is the deployer.
     constructor(string memory _name, string memory _symbol, address _controller)
         ERC20(_name, _symbol)
         Ownable(msg.sender)
     {
-        if (_controller == address(0)) revert ZeroController();
-        controller = _controller;
-        emit ControllerSet(_controller);
+        _setController(_controller);
+    }
+
+    /// @notice A clone's one-time set-up, with the constructor's parameters; its caller (the
+    ///         TokenManager that created the clone) becomes the owner.
+    function initialize(string calldata _name, string calldata _symbol, address _controller) external {
+        if (controller != address(0)) revert AlreadyInitialized();
+        _setController(_controller);
+        _cloneName = _name;
+        _cloneSymbol = _symbol;
+        _transferOwnership(msg.sender);
+    }
+
+    function name() public view override returns (string memory) {
+        string memory n = super.name();
+        return bytes(n).length != 0 ? n : _cloneName;
+    }
+
+    function symbol() public view override returns (string memory) {
+        string memory s = super.symbol();
+        return bytes(s).length != 0 ? s : _cloneSymbol;
     }
 
     modifier onlyController() {
@@ -40,6 +68,10 @@ contract HokusaiToken is ERC20, Ownable {
     }
 
     function setController(address _controller) external onlyOwner {
+        _setController(_controller);
+    }
+
+    function _setController(address _controller) private {
         if (_controller == address(0)) revert ZeroController();
         controller = _controller;
         emit ControllerSet(_controller);

@@ -8,10 +8,11 @@ import {Ownable} from "@openzeppelin/contracts/access/Ownable.sol";
 ///         It is the final guard against a second token for a model: a model id and a token
 ///         can each be registered once, and only a deployed contract can be registered.
 contract ModelRegistry is Ownable {
+    /// @dev `token` and `registeredAt` share a slot: one storage write less per model.
     struct Model {
         address token;
-        string performanceMetric;
         uint64 registeredAt;
+        string performanceMetric;
     }
 
     mapping(string => Model) private models;
@@ -52,7 +53,7 @@ contract ModelRegistry is Ownable {
         if (existing.token != address(0)) revert ModelAlreadyRegistered(modelId, existing.token);
         if (bytes(tokenModels[token]).length != 0) revert TokenAlreadyRegistered(token);
         if (token.code.length == 0) revert TokenHasNoCode(token);
-        models[modelId] = Model(token, performanceMetric, uint64(block.timestamp));
+        models[modelId] = Model(token, uint64(block.timestamp), performanceMetric);
         tokenModels[token] = modelId;
         emit ModelRegistered(modelId, token, performanceMetric);
     }

@@ -1,5 +1,7 @@
 // Compiles contracts/*.sol with the pinned solcjs and writes abi/<Name>.json.
-// `node contracts/build.mjs` rewrites abi/; `node contracts/build.mjs --check` exits 1 when abi/ is stale.
+// `node contracts/build.mjs` rewrites abi/; `node contracts/build.mjs --check` exits 1 when abi/ is stale;
+// `node contracts/build.mjs --standard-json` prints the compiler's standard JSON input with every
+// source it read (ours and OpenZeppelin's): what an explorer's "verify" form takes.
 // Output is byte-for-byte reproducible: sorted inputs, fixed settings, no timestamps.
 import fs from "node:fs";
 import path from "node:path";
@@ -25,14 +27,25 @@ const input = {
     outputSelection: { "*": { "*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"] } },
   },
 };
+const imported = {};
 function findImports(p) {
   for (const base of [here, path.join(here, "node_modules")]) {
     const full = path.join(base, p);
-    if (fs.existsSync(full)) return { contents: fs.readFileSync(full, "utf8") };
+    if (fs.existsSync(full)) {
+      imported[p] = { content: fs.readFileSync(full, "utf8") };
+      return { contents: imported[p].content };
+    }
   }
   return { error: `not found: ${p}` };
 }
 const out = JSON.parse(solc.compile(JSON.stringify(input), { import: findImports }));
+if (process.argv.includes("--standard-json")) {
+  const all = { ...input, sources: { ...input.sources } };
+  for (const k of Object.keys(imported).sort()) all.sources[k] = imported[k];
+  all.settings = { ...input.settings, outputSelection: { "*": { "*": ["abi", "evm.bytecode", "evm.deployedBytecode", "metadata"] } } };
+  process.stdout.write(JSON.stringify(all, null, 2) + "\n");
+  process.exit(0);
+}
 const errors = (out.errors || []).filter((e) => e.severity === "error");
 if (errors.length) {
   for (const e of errors) console.error(e.formattedMessage);

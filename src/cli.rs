@@ -177,11 +177,17 @@ pub enum AuditCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ContractsCommand {
-    /// Deploy ModelRegistry and TokenManager and print their addresses as JSON.
+    /// Deploy the token implementation, ModelRegistry and TokenManager (a registrar of the
+    /// registry), make this key and the `--deployer` addresses deployers, and print the
+    /// addresses as JSON.
     Deploy {
-        /// Also authorise this address to register models (the worker's key, if different).
+        /// Also allow this address to deploy tokens (a worker's key); repeat for a key pool.
+        #[arg(long = "deployer", value_name = "ADDRESS")]
+        deployers: Vec<alloy::primitives::Address>,
+        /// Mixed into every token's CREATE2 salt (32 bytes hex): managers with different
+        /// namespaces on one chain give one model different addresses.
         #[arg(long)]
-        registrar: Option<alloy::primitives::Address>,
+        namespace: Option<alloy::primitives::B256>,
     },
 }
 
@@ -266,11 +272,21 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             anyhow::bail!("unhealthy: {}", errors.join("; "))
         }
         Command::Contracts {
-            command: ContractsCommand::Deploy { registrar },
+            command:
+                ContractsCommand::Deploy {
+                    deployers,
+                    namespace,
+                },
         } => {
             let settings = load(&cli)?;
             let key = require_key(&settings)?;
-            let b = chain::bootstrap(&settings, &key, *registrar).await?;
+            let b = chain::bootstrap(
+                &settings,
+                &key,
+                deployers,
+                namespace.unwrap_or(chain::contracts::NO_NAMESPACE),
+            )
+            .await?;
             println!("{}", serde_json::to_string_pretty(&b)?);
             Ok(())
         }
@@ -615,7 +631,7 @@ async fn local(cli: &Cli, once: bool, shutdown: CancellationToken) -> anyhow::Re
     })?;
     telemetry::init(&settings.log);
     let key = Secret::new(localstack::ANVIL_DEV_KEY);
-    let b = chain::bootstrap(&settings, &key, None).await?;
+    let b = chain::bootstrap(&settings, &key, &[], chain::contracts::NO_NAMESPACE).await?;
     eprintln!("contracts: {}", serde_json::to_string(&b)?);
     settings.chain.model_registry_address = b.model_registry.to_string();
     settings.chain.token_manager_address = b.token_manager.to_string();

@@ -22,22 +22,8 @@ pub enum JournalError {
     },
 }
 
-/// Which of a model's two transactions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    Deploy,
-    Register,
-}
-
-impl Step {
-    /// The step's name: the journal's field prefix and the metrics label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Step::Deploy => "deploy",
-            Step::Register => "register",
-        }
-    }
-}
+/// The journal's field prefix of a model's one transaction (`TokenManager.deployToken`).
+const TX: &str = "deploy";
 
 /// A signed transaction as journaled before broadcast.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,46 +53,30 @@ pub struct Entry {
     /// The message's validated content, so the event never depends on a later message.
     pub model: Option<ModelReady>,
     pub first_attempt_at: Option<String>,
+    /// The model's one transaction (`deployToken`: the token and its registration), with
+    /// every version that replaced an earlier one.
     pub deploy: Option<TxRecord>,
-    /// The token's address, predicted from signer and nonce before the deployment is mined.
+    /// The token's address, predicted (CREATE2 from the model id) before the transaction is
+    /// signed.
     pub token_address: Option<Address>,
-    pub register: Option<TxRecord>,
     /// The published `token_deployed` event, verbatim.
     pub event: Option<String>,
-    /// When each step began (RFC 3339, milliseconds): the status API's `updated_at`.
+    /// When the transaction was first journaled and when the event was (RFC 3339,
+    /// milliseconds): the status API's `updated_at`.
     pub deploy_at: Option<String>,
-    pub register_at: Option<String>,
     pub event_at: Option<String>,
 }
 
 impl Entry {
-    pub fn tx(&self, step: Step) -> Option<&TxRecord> {
-        match step {
-            Step::Deploy => self.deploy.as_ref(),
-            Step::Register => self.register.as_ref(),
-        }
-    }
-
     /// Mirrors [`Journal::record_tx`] in memory.
-    pub fn set_tx(&mut self, step: Step, rec: TxRecord, token_address: Option<Address>) {
-        match step {
-            Step::Deploy => self.deploy = Some(rec),
-            Step::Register => self.register = Some(rec),
-        }
-        if token_address.is_some() {
-            self.token_address = token_address;
-        }
+    pub fn set_tx(&mut self, rec: TxRecord, token_address: Address) {
+        self.deploy = Some(rec);
+        self.token_address = Some(token_address);
     }
 
     /// Mirrors [`Journal::clear_tx`] in memory.
-    pub fn clear_tx(&mut self, step: Step) {
-        match step {
-            Step::Deploy => {
-                self.deploy = None;
-                self.token_address = None;
-            }
-            Step::Register => self.register = None,
-        }
+    pub fn clear_tx(&mut self) {
+        self.deploy = None;
     }
 }
 
@@ -148,8 +118,8 @@ impl Journal {
             model_id: model_id.to_owned(),
             field,
         };
-        let tx = |step: Step| -> Result<Option<TxRecord>, JournalError> {
-            let p = step.label();
+        let tx = || -> Result<Option<TxRecord>, JournalError> {
+            let p = TX;
             let Some(raw) = h.get(&format!("{p}_raw")) else {
                 return Ok(None);
             };
@@ -177,16 +147,14 @@ impl Journal {
                 .transpose()
                 .map_err(|_| corrupt("model"))?,
             first_attempt_at: h.get("first_attempt_at").cloned(),
-            deploy: tx(Step::Deploy)?,
+            deploy: tx()?,
             token_address: h
                 .get("token_address")
                 .map(|a| a.parse())
                 .transpose()
                 .map_err(|_| corrupt("token_address"))?,
-            register: tx(Step::Register)?,
             event: h.get("event").cloned(),
             deploy_at: h.get("deploy_at").cloned(),
-            register_at: h.get("register_at").cloned(),
             event_at: h.get("event_at").cloned(),
         })
     }
@@ -221,19 +189,18 @@ impl Journal {
         Ok(())
     }
 
-    /// Records a signed transaction (or a replacement, with the hashes it replaced); called
-    /// before it is broadcast.
+    /// Records the signed transaction (or a replacement, with the hashes it replaced) and the
+    /// token's predicted address; called before it is broadcast.
     pub async fn record_tx(
         &self,
         model_id: &str,
-        step: Step,
         rec: &TxRecord,
-        token_address: Option<Address>,
+        token_address: Address,
     ) -> Result<(), JournalError> {
         if !self.enabled {
             return Ok(());
         }
-        let p = step.label();
+        let p = TX;
         let mut fields = vec![
             (format!("{p}_signer"), rec.signer.to_string()),
             (format!("{p}_nonce"), rec.nonce.to_string()),
@@ -248,9 +215,7 @@ impl Journal {
                     .join(","),
             ),
         ];
-        if let Some(a) = token_address {
-            fields.push(("token_address".into(), a.to_string()));
-        }
+        fields.push(("token_address".into(), token_address.to_string()));
         if rec.replaced.is_empty() {
             // The step's first transaction: when it began.
             fields.push((format!("{p}_at"), now_ms()));
@@ -260,18 +225,14 @@ impl Journal {
     }
 
     /// Forgets a transaction that can no longer land (its nonce went to another one) or reverted.
-    pub async fn clear_tx(&self, model_id: &str, step: Step) -> Result<(), JournalError> {
+    pub async fn clear_tx(&self, model_id: &str) -> Result<(), JournalError> {
         if !self.enabled {
             return Ok(());
         }
-        let p = step.label();
-        let mut fields: Vec<String> = ["signer", "nonce", "hash", "raw", "replaced"]
+        let fields: Vec<String> = ["signer", "nonce", "hash", "raw", "replaced"]
             .iter()
-            .map(|f| format!("{p}_{f}"))
+            .map(|f| format!("{TX}_{f}"))
             .collect();
-        if step == Step::Deploy {
-            fields.push("token_address".into());
-        }
         let _: () = self.client.hdel(self.key(model_id), fields).await?;
         Ok(())
     }

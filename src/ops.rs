@@ -270,10 +270,20 @@ impl OpsState {
         let (Some(p), Some(registry)) = (&self.provider, self.registry) else {
             return Component::down("chain.model_registry_address is not configured".into());
         };
+        let signer = self
+            .worker
+            .as_ref()
+            .and_then(|w| w.signer()?.parse::<Address>().ok());
         self.probe("rpc", async {
             let code = p.get_code_at(registry).await.map_err(|e| e.to_string())?;
             if code.is_empty() {
                 return Err(format!("no contract at {registry}"));
+            }
+            // A worker's roles: revoked ones show here before a deployment fails on them.
+            if let (Some(signer), Ok((_, manager))) = (signer, self.settings.contract_addresses()) {
+                crate::chain::contracts::check_roles(p, registry, manager, signer)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             let mut m = serde_json::Map::new();
             m.insert("address".into(), registry.to_checksum(None).into());

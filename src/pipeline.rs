@@ -1,9 +1,10 @@
-//! The worker: takes messages, deploys and registers their tokens, publishes events, and sorts
-//! every outcome into exactly one of ack (event published) or dead letter (with a reason).
+//! The worker: takes messages, deploys and registers their tokens (one `deployToken`
+//! transaction each), publishes events, and sorts every outcome into exactly one of ack (event
+//! published) or dead letter (with a reason).
 //!
 //! Each step can run again safely: the journal says what was already signed or mined, the
-//! registry on chain refuses a second token for a model, and the event is stored before it is
-//! published so a redelivery re-publishes the identical event.
+//! token manager on chain refuses a second token for a model, and the event is stored before it
+//! is published so a redelivery re-publishes the identical event.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +22,7 @@ use tracing::{error, info, warn, Instrument};
 use crate::audit::{Audit, Fields};
 use crate::chain::{Call, Chain, ChainError, Mined, SendError, Stuck, Waited, Wallet};
 use crate::config::{DeployerKey, Settings};
-use crate::journal::{Entry, Journal, JournalError, Step, TxRecord};
+use crate::journal::{Entry, Journal, JournalError, TxRecord};
 use crate::message::{
     self, DeadLetter, DeadLetterError, DeploymentFailed, Inbound, Rejection, Rules, TokenDeployed,
 };
@@ -41,8 +42,14 @@ pub enum AttemptError {
     ModelBusy(String),
     #[error("model {model_id} already has token {token}")]
     TokenExists { model_id: String, token: Address },
-    #[error("deployment of model {model_id} produced no contract at {expected}")]
-    WrongContract { model_id: String, expected: Address },
+    /// The model's journal holds a transaction that does not call our token manager (written
+    /// by the two-transaction version or for other contracts): finishing it would publish an
+    /// event for a token we did not deploy.
+    #[error("the journal of model {model_id} holds transaction {hash}, which does not call chain.token_manager_address: check it and delete the journal (docs/runbook.md) before requeueing")]
+    ForeignJournal {
+        model_id: String,
+        hash: alloy::primitives::TxHash,
+    },
 }
 
 impl AttemptError {
@@ -53,7 +60,7 @@ impl AttemptError {
             AttemptError::Journal(JournalError::Redis(_)) => true,
             AttemptError::Journal(JournalError::Corrupt { .. }) => false,
             AttemptError::ModelBusy(_) => true,
-            AttemptError::TokenExists { .. } | AttemptError::WrongContract { .. } => false,
+            AttemptError::TokenExists { .. } | AttemptError::ForeignJournal { .. } => false,
         }
     }
 
@@ -65,8 +72,8 @@ impl AttemptError {
             AttemptError::Queue(_) | AttemptError::Journal(JournalError::Redis(_)) => {
                 "REDIS_UNAVAILABLE"
             }
-            AttemptError::Journal(JournalError::Corrupt { .. }) => "JOURNAL_CORRUPT",
-            AttemptError::WrongContract { .. } => "DEPLOYMENT_FAILED",
+            AttemptError::Journal(JournalError::Corrupt { .. })
+            | AttemptError::ForeignJournal { .. } => "JOURNAL_CORRUPT",
             AttemptError::Chain(e) => e.code(),
         }
     }
@@ -440,103 +447,36 @@ impl Deployer {
         // An unfinished deployment started by another message is finished as it began.
         let model = entry.model.clone().unwrap_or_else(|| msg.model.clone());
 
-        let registered = self.chain.registered_token(model_id).await?;
-        let ours = entry.token_address;
-        if let Some(token) = registered {
-            if Some(token) != ours {
+        // One model id, one address (CREATE2): known before anything is signed.
+        let token = self.chain.factory.predict(model_id);
+        if let Some(registered) = self.chain.registered_token(model_id).await? {
+            // Ours only if this journal holds the transaction that put it there: the journal
+            // is written before every broadcast, so otherwise another message won the model.
+            if registered != token || entry.deploy.is_none() {
                 return Err(AttemptError::TokenExists {
                     model_id: model_id.clone(),
-                    token,
+                    token: registered,
                 });
             }
         }
-
-        // Both transactions leave before either is mined: the token's address follows from
-        // signer and nonce, and the registration (a higher nonce of the same signer) executes
-        // after the deployment, whose code the registry checks. Receipts are awaited together.
-        let deploy_code =
-            Chain::deploy_code(&model.token_name, &model.chain_symbol, self.chain.manager);
-        let deploy_rec = self
-            .send(
-                &mut entry,
-                model_id,
-                Step::Deploy,
-                Call::Deploy(deploy_code),
-                None,
-            )
-            .await?;
-        let token = entry
-            .token_address
-            .expect("set when the deployment was journaled");
-        let register_call = self
-            .chain
-            .register_call(model_id, token, &model.metric_name);
-        let lost_track = registered == Some(token) && entry.register.is_none();
-        let register_rec = if lost_track {
-            // Registered by a transaction this journal lost track of: nothing to send.
-            None
-        } else {
-            // The token has no code yet, so estimate the same registration with a stand-in
-            // token that has code and is registered nowhere (the manager): same strings, same
-            // storage writes; the margin covers the cold account access.
-            let gas = if entry.register.is_none() {
-                let stand_in =
-                    self.chain
-                        .register_call(model_id, self.chain.manager, &model.metric_name);
-                Some(
-                    self.chain
-                        .estimate(&stand_in)
-                        .await
-                        .map_err(|e| token_exists_or(e.into(), model_id, token))?,
-                )
-            } else {
-                None
-            };
-            Some(
-                self.send(
-                    &mut entry,
-                    model_id,
-                    Step::Register,
-                    register_call.clone(),
-                    gas,
-                )
-                .await?,
-            )
-        };
+        let call = self.chain.deploy_token_call(&model);
+        let rec = self.send(&mut entry, model_id, call, token).await?;
         let message_id = entry.message_id.clone().unwrap_or_default();
-        let (deployed, registered_tx) = tokio::join!(
-            self.mined(&message_id, model_id, Step::Deploy, &deploy_rec),
-            async {
-                match &register_rec {
-                    Some(rec) => Some(self.mined(&message_id, model_id, Step::Register, rec).await),
-                    None => None,
-                }
+        let mined = match self.mined(&message_id, model_id, &rec, token).await {
+            Ok(m) => m,
+            Err(e @ AttemptError::Chain(ChainError::Reverted { .. })) => {
+                // Another message's deployToken took the model between our check and our block.
+                return Err(match self.chain.registered_token(model_id).await? {
+                    Some(winner) => AttemptError::TokenExists {
+                        model_id: model_id.clone(),
+                        token: winner,
+                    },
+                    None => e,
+                });
             }
-        );
-        let deployed = deployed?;
-        if deployed.contract_address.is_some_and(|a| a != token) {
-            return Err(AttemptError::WrongContract {
-                model_id: model_id.clone(),
-                expected: token,
-            });
-        }
-        let registered_tx = match registered_tx {
-            None => None,
-            Some(Ok(m)) => Some(m),
-            Some(Err(AttemptError::Chain(ChainError::Reverted { .. }))) => {
-                // Now that the token has code, send the registration the plain way: a real
-                // estimate names the registry's reason if it refuses again.
-                entry.clear_tx(Step::Register);
-                Some(
-                    self.ensure(&mut entry, model_id, Step::Register, register_call)
-                        .await
-                        .map_err(|e| token_exists_or(e, model_id, token))?,
-                )
-            }
-            Some(Err(e)) => return Err(e),
+            Err(e) => return Err(e),
         };
-
-        let event = self.event(&entry, &model, &deployed, registered_tx.as_ref());
+        let event = self.event(&entry, &model, token, &mined);
         let event = serde_json::to_string(&event).expect("TokenDeployed always serializes");
         self.journal.record_event(model_id, &event).await?;
         Ok(Done {
@@ -546,40 +486,37 @@ impl Deployer {
         })
     }
 
-    /// Brings one transaction to mined: [`Self::send`], then its receipt.
-    async fn ensure(
-        &self,
-        entry: &mut Entry,
-        model_id: &str,
-        step: Step,
-        call: Call,
-    ) -> Result<Mined, AttemptError> {
-        let rec = self.send(entry, model_id, step, call, None).await?;
-        let message_id = entry.message_id.clone().unwrap_or_default();
-        self.mined(&message_id, model_id, step, &rec).await
-    }
-
-    /// Makes sure one transaction is on its way and returns it: a journaled one that was mined
-    /// or can still land (re-broadcast byte-identical), or else a new one, journaled before it
-    /// is broadcast. Rebuilds only when the journaled nonce went to another transaction; a
-    /// rebuilt deployment has a new address, so a registration journaled for the old one is
-    /// forgotten too. `gas` skips the estimate.
+    /// Makes sure the model's transaction is on its way and returns it: a journaled one that
+    /// was mined or can still land (re-broadcast byte-identical), or else a new one, journaled
+    /// before it is broadcast. Rebuilds only when the journaled nonce went to another
+    /// transaction. A simulation the manager refuses because the model has a token is
+    /// `TOKEN_EXISTS` with that token.
     async fn send(
         &self,
         entry: &mut Entry,
         model_id: &str,
-        step: Step,
         call: Call,
-        gas: Option<u64>,
+        token: Address,
     ) -> Result<TxRecord, AttemptError> {
         let message_id = entry.message_id.clone().unwrap_or_default();
-        if let Some(rec) = entry.tx(step).cloned() {
+        if let Some(rec) = entry
+            .deploy
+            .clone()
+            .filter(|r| !self.chain.calls_our_manager(r))
+        {
+            warn!(hash = %rec.hash, "the journal holds a transaction for other contracts; it is not ours to finish");
+            return Err(AttemptError::ForeignJournal {
+                model_id: model_id.to_owned(),
+                hash: rec.hash,
+            });
+        }
+        if let Some(rec) = entry.deploy.clone() {
             if self.chain.landed(&rec).await?.is_some() {
                 return Ok(rec);
             }
             if self.chain.can_still_land(&rec).await? {
-                info!(step = ?step, hash = %rec.hash, nonce = rec.nonce, "re-broadcasting journaled transaction");
-                self.audit_tx(&message_id, "tx_rebroadcast", model_id, step, &rec, [])
+                info!(hash = %rec.hash, nonce = rec.nonce, "re-broadcasting journaled transaction");
+                self.audit_tx(&message_id, "tx_rebroadcast", model_id, &rec, [])
                     .await;
                 match self.chain.broadcast(&rec).await {
                     Ok(()) | Err(ChainError::NonceUsed { .. }) => {}
@@ -587,41 +524,35 @@ impl Deployer {
                 }
                 return Ok(rec);
             }
-            warn!(step = ?step, hash = %rec.hash, nonce = rec.nonce, "journaled transaction can no longer land; rebuilding");
-            self.journal.clear_tx(model_id, step).await?;
-            entry.clear_tx(step);
-            if step == Step::Deploy && entry.register.is_some() {
-                self.journal.clear_tx(model_id, Step::Register).await?;
-                entry.clear_tx(Step::Register);
-            }
+            warn!(hash = %rec.hash, nonce = rec.nonce, "journaled transaction can no longer land; rebuilding");
+            self.journal.clear_tx(model_id).await?;
+            entry.clear_tx();
         }
-        let gas = match gas {
-            Some(g) => g,
-            None => self.chain.estimate(&call).await?,
-        };
+        let gas = self
+            .chain
+            .estimate(&call)
+            .await
+            .map_err(|e| token_exists_or(e.into(), model_id))?;
         let journal = &self.journal;
         let signed = self
             .chain
-            .sign_and_send(&call, gas, |signed| async move {
-                journal
-                    .record_tx(model_id, step, &signed.record, signed.contract_address)
-                    .await?;
-                Ok::<_, JournalError>(signed)
+            .sign_and_send(&call, gas, |rec| async move {
+                journal.record_tx(model_id, &rec, token).await?;
+                Ok::<_, JournalError>(rec)
             })
             .await;
-        let signed = match signed {
-            Ok(s) => s,
+        let rec = match signed {
+            Ok(rec) => rec,
             Err(SendError::Chain(e)) if matches!(e, ChainError::NonceUsed { .. }) => {
                 // Never broadcast: forget it so the retry signs with a fresh nonce.
-                self.journal.clear_tx(model_id, step).await?;
+                self.journal.clear_tx(model_id).await?;
                 return Err(e.into());
             }
             Err(e) => return Err(e.into()),
         };
-        let rec = signed.record;
-        info!(step = ?step, hash = %rec.hash, nonce = rec.nonce, "transaction sent");
-        entry.set_tx(step, rec.clone(), signed.contract_address);
-        self.audit_tx(&message_id, "tx_sent", model_id, step, &rec, [])
+        info!(hash = %rec.hash, nonce = rec.nonce, token = %token, "transaction sent");
+        entry.set_tx(rec.clone(), token);
+        self.audit_tx(&message_id, "tx_sent", model_id, &rec, [])
             .await;
         Ok(rec)
     }
@@ -633,8 +564,8 @@ impl Deployer {
         &self,
         message_id: &str,
         model_id: &str,
-        step: Step,
         rec: &TxRecord,
+        token: Address,
     ) -> Result<Mined, AttemptError> {
         let deadline = self.chain.receipt_deadline();
         let mut rec = rec.clone();
@@ -645,16 +576,15 @@ impl Deployer {
                 Ok(Waited::Mined(m)) => {
                     let fee_gwei =
                         (u128::from(m.gas_used) * m.effective_gas_price / 1_000_000_000) as u64;
-                    metrics::counter!(names::GAS_USED, "step" => step.label())
-                        .increment(m.gas_used);
-                    metrics::counter!(names::FEES_PAID, "step" => step.label()).increment(fee_gwei);
+                    metrics::counter!(names::GAS_USED, "step" => STEP).increment(m.gas_used);
+                    metrics::counter!(names::FEES_PAID, "step" => STEP).increment(fee_gwei);
                     let extra = [
                         ("block_number", m.block_number.to_string()),
                         ("gas_used", m.gas_used.to_string()),
                         ("effective_gas_price", m.effective_gas_price.to_string()),
                         ("landed_hash", m.hash.to_string()),
                     ];
-                    self.audit_tx(message_id, "tx_mined", model_id, step, &rec, extra)
+                    self.audit_tx(message_id, "tx_mined", model_id, &rec, extra)
                         .await;
                     return Ok(m);
                 }
@@ -663,28 +593,28 @@ impl Deployer {
                     let replaced = self
                         .chain
                         .replace(&rec, |new| async move {
-                            journal.record_tx(model_id, step, &new, None).await?;
+                            journal.record_tx(model_id, &new, token).await?;
                             Ok::<_, JournalError>(new)
                         })
                         .await;
                     match replaced {
                         Ok(Some(new)) => {
-                            warn!(step = ?step, reason = why.label(), old = %rec.hash, hash = %new.hash, nonce = new.nonce, "stuck transaction replaced with higher fees");
-                            metrics::counter!(names::REPLACEMENTS, "step" => step.label(), "reason" => why.label())
+                            warn!(reason = why.label(), old = %rec.hash, hash = %new.hash, nonce = new.nonce, "stuck transaction replaced with higher fees");
+                            metrics::counter!(names::REPLACEMENTS, "step" => STEP, "reason" => why.label())
                                 .increment(1);
                             let extra = [
                                 ("reason", why.label().to_owned()),
                                 ("replaces", rec.hash.to_string()),
                             ];
-                            self.audit_tx(message_id, "tx_replaced", model_id, step, &new, extra)
+                            self.audit_tx(message_id, "tx_replaced", model_id, &new, extra)
                                 .await;
                             capped = false;
                             rec = new;
                         }
                         Ok(None) => {
                             if !capped {
-                                warn!(step = ?step, hash = %rec.hash, "stuck transaction cannot be replaced: the fee cap leaves no room to raise its fees; waiting");
-                                metrics::counter!(names::REPLACEMENTS, "step" => step.label(), "reason" => "capped")
+                                warn!(hash = %rec.hash, "stuck transaction cannot be replaced: the fee cap leaves no room to raise its fees; waiting");
+                                metrics::counter!(names::REPLACEMENTS, "step" => STEP, "reason" => "capped")
                                     .increment(1);
                                 capped = true;
                             }
@@ -698,12 +628,12 @@ impl Deployer {
                         }
                         Err(SendError::Journal(e)) => return Err(e.into()),
                         Err(SendError::Chain(e)) => {
-                            warn!(error = %e, step = ?step, hash = %rec.hash, "replacing a stuck transaction failed; waiting on")
+                            warn!(error = %e, hash = %rec.hash, "replacing a stuck transaction failed; waiting on")
                         }
                     }
                 }
                 Err(e @ ChainError::Reverted { .. }) => {
-                    self.journal.clear_tx(model_id, step).await?;
+                    self.journal.clear_tx(model_id).await?;
                     return Err(e.into());
                 }
                 Err(e) => return Err(e.into()),
@@ -716,35 +646,35 @@ impl Deployer {
         message_id: &str,
         action: &str,
         model_id: &str,
-        step: Step,
         rec: &TxRecord,
         extra: [(&'static str, String); N],
     ) {
         let mut f = self.fields(message_id, model_id, extra);
-        f.insert("step", step.label().to_owned());
+        f.insert("step", STEP.to_owned());
         f.insert("tx_hash", rec.hash.to_string());
         f.insert("nonce", rec.nonce.to_string());
         f.insert("signer", rec.signer.to_checksum(None));
         self.audit.record(action, f).await;
     }
 
+    /// The `token_deployed` event of seed 001. Its registry fields name the same transaction
+    /// as its deployment fields: `deployToken` deploys and registers at once.
     fn event(
         &self,
         entry: &Entry,
         model: &message::ModelReady,
-        deployed: &Mined,
-        registered: Option<&Mined>,
+        token: Address,
+        mined: &Mined,
     ) -> TokenDeployed {
         let network = self.settings.network(self.chain.chain_id);
-        let token = entry.token_address.expect("deployed, so journaled");
         TokenDeployed {
             event_type: "token_deployed".into(),
             model_id: model.model_id.clone(),
             token_address: token.to_checksum(None),
             token_symbol: model.chain_symbol.clone(),
             token_name: model.token_name.clone(),
-            transaction_hash: deployed.hash.to_string(),
-            registry_transaction_hash: registered.map(|r| r.hash.to_string()).unwrap_or_default(),
+            transaction_hash: mined.hash.to_string(),
+            registry_transaction_hash: mined.hash.to_string(),
             mlflow_run_id: model.mlflow_run_id.clone(),
             model_name: model.model_name.clone(),
             model_version: model.model_version.clone(),
@@ -756,22 +686,18 @@ impl Deployer {
                 .unwrap_or(self.chain.signer)
                 .to_checksum(None),
             network: network.name,
-            block_number: deployed.block_number,
-            gas_used: deployed.gas_used.to_string(),
-            gas_price: deployed.effective_gas_price.to_string(),
+            block_number: mined.block_number,
+            gas_used: mined.gas_used.to_string(),
+            gas_price: mined.effective_gas_price.to_string(),
             contributor_address: model.contributor_address.map(|a| a.to_checksum(None)),
             performance_metric: model.metric_name.clone(),
             performance_improvement: model.improvement_percentage,
             message_version: message::EVENT_VERSION.into(),
             source_message_id: entry.message_id.clone().unwrap_or_default(),
             chain_id: self.chain.chain_id,
-            registry_block_number: registered.map(|r| r.block_number).unwrap_or_default(),
-            registry_gas_used: registered
-                .map(|r| r.gas_used.to_string())
-                .unwrap_or_default(),
-            registry_gas_price: registered
-                .map(|r| r.effective_gas_price.to_string())
-                .unwrap_or_default(),
+            registry_block_number: mined.block_number,
+            registry_gas_used: mined.gas_used.to_string(),
+            registry_gas_price: mined.effective_gas_price.to_string(),
         }
     }
 }
@@ -1136,20 +1062,23 @@ pub async fn run(
     Ok(())
 }
 
-/// A registration the registry refused because another token holds the model is
-/// `TOKEN_EXISTS` (the revert names that token); anything else stays as it is.
-fn token_exists_or(e: AttemptError, model_id: &str, ours: Address) -> AttemptError {
+/// A `deployToken` the manager refuses because the model has a token is `TOKEN_EXISTS` (the
+/// revert names that token); anything else stays as it is.
+fn token_exists_or(e: AttemptError, model_id: &str) -> AttemptError {
     match &e {
         AttemptError::Chain(c) => match c.registered_elsewhere() {
-            Some(token) if token != ours => AttemptError::TokenExists {
+            Some(token) => AttemptError::TokenExists {
                 model_id: model_id.to_owned(),
                 token,
             },
-            _ => e,
+            None => e,
         },
         _ => e,
     }
 }
+
+/// The `step` label of the transaction metrics: one transaction per model now.
+const STEP: &str = "deploy";
 
 /// How often a paused worker looks at the flag again.
 const PAUSE_POLL: Duration = Duration::from_millis(250);

@@ -94,7 +94,7 @@ pub async fn stack(dir: &std::path::Path, anvil_args: &[&str]) -> anyhow::Result
         env: env.clone(),
     })?;
     let key = Secret::new(localstack::ANVIL_DEV_KEY);
-    let boot = chain::bootstrap(&settings, &key, None).await?;
+    let boot = chain::bootstrap(&settings, &key, &[], chain::contracts::NO_NAMESPACE).await?;
     env.extend([
         (
             "HOKUSAI__CHAIN__MODEL_REGISTRY_ADDRESS".into(),

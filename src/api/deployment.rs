@@ -73,7 +73,8 @@ pub struct DeployTokenResponse {
     pub model_id: String,
     /// Seconds until the deployment is expected on chain.
     pub estimated_confirmation_time: u64,
-    /// Wei, decimal: (deployment + registration gas) x the max fee per gas we would sign.
+    /// Wei, decimal: the gas of the one transaction that deploys and registers x the max fee
+    /// per gas we would sign.
     pub estimated_gas_cost: String,
     pub status_url: String,
 }

@@ -54,10 +54,9 @@ use limits::Limiter;
 
 pub use routes::{openapi_document, router};
 
-/// Gas and fee figures refreshed in the background, so a request never waits for the chain.
+/// Fee figures refreshed in the background, so a request never waits for the chain.
 #[derive(Debug, Clone, Default)]
 struct Estimates {
-    deploy_gas: u64,
     /// What the network asks per gas, as a worker would read it.
     market: Option<chain::Market>,
     block_time_secs: f64,
@@ -77,7 +76,6 @@ pub struct ApiState {
     audit: Audit,
     provider: DynProvider,
     registry: Address,
-    manager: Address,
     rules: Rules,
     estimates: RwLock<Estimates>,
     models: Mutex<HashMap<String, (Instant, Option<Model>)>>,
@@ -92,7 +90,7 @@ impl ApiState {
         redis.init().await?;
         let provider = chain::provider(settings)?;
         let chain_id = provider.get_chain_id().await?;
-        let (registry, manager) = settings.contract_addresses()?;
+        let (registry, _) = settings.contract_addresses()?;
         let prefix = settings.queues.state_prefix.clone();
         let trusted_proxies = settings
             .api
@@ -116,7 +114,6 @@ impl ApiState {
             redis,
             provider,
             registry,
-            manager,
             rules: Rules {
                 max_message_bytes: settings.pipeline.max_message_bytes,
                 min_improvement_percentage: settings.pipeline.min_improvement_percentage,
@@ -131,17 +128,8 @@ impl ApiState {
         Ok(state)
     }
 
-    /// Reads deployment gas, fees and block time; keeps the last figures on failure.
+    /// Reads fees and block time; keeps the last figures on failure.
     async fn refresh_estimates(&self) {
-        let code = chain::Chain::deploy_code("Hokusai estimate", "HK-EST", self.manager);
-        let deploy = {
-            use alloy::network::TransactionBuilder;
-            // A sender is needed: the token's Ownable refuses the zero address as owner.
-            alloy::rpc::types::TransactionRequest::default()
-                .with_from(self.manager)
-                .with_deploy_code(code)
-        };
-        let gas = self.provider.estimate_gas(deploy).await;
         let market =
             chain::Market::read(&self.provider, self.settings.chain.priority_fee_wei()).await;
         let head = self.provider.get_block_number().await;
@@ -160,13 +148,7 @@ impl ApiState {
             }
             _ => 12.0,
         };
-        if let Err(err) = &gas {
-            tracing::warn!(error = %err, "could not estimate a deployment's gas; quotes keep the last figure");
-        }
         let mut e = self.estimates.write().expect("never poisoned");
-        if let Ok(g) = gas {
-            e.deploy_gas = chain::with_margin(g, self.settings.chain.gas_limit_margin_percent);
-        }
         if let Ok(m) = market {
             e.market = Some(m);
         }

@@ -23,9 +23,6 @@ use super::{symbol, ApiState};
 use crate::chain::Market;
 use crate::queue;
 
-/// Registration gas when no estimate is at hand (measured: ~0.12 M).
-const REGISTER_GAS: u64 = 150_000;
-
 /// What a deployment would cost now.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct QuoteResponse {
@@ -33,7 +30,7 @@ pub struct QuoteResponse {
     pub model_id: String,
     /// The symbol a deployment without `token_symbol` would get now.
     pub token_symbol: String,
-    /// Gas of deployment and registration together, with the configured margin.
+    /// Gas of the one transaction that deploys and registers, with the configured margin.
     pub estimated_gas: String,
     /// Wei per gas: the most we would sign (2 x base fee + priority fee, under the cap).
     pub max_fee_per_gas: String,
@@ -92,11 +89,16 @@ pub(super) fn costs(state: &ApiState) -> Result<Costs, ApiError> {
         },
     };
     Ok(Costs {
-        gas: est.deploy_gas + REGISTER_GAS,
+        gas: crate::chain::with_margin(
+            crate::chain::contracts::DEPLOY_TOKEN_GAS,
+            state.settings.chain.gas_limit_margin_percent,
+        ),
         max_fee,
         expected_fee: expected_fee.min(max_fee),
-        // Two blocks: the deployment's and the registration's.
-        confirmation_secs: (est.block_time_secs * 2.0).ceil().max(1.0) as u64,
+        // The block that takes the transaction, then each confirmation.
+        confirmation_secs: (est.block_time_secs * (1 + state.settings.chain.confirmations) as f64)
+            .ceil()
+            .max(1.0) as u64,
     })
 }
 

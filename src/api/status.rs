@@ -28,7 +28,8 @@ use crate::queue;
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DeploymentStatusResponse {
     pub deployment_id: String,
-    /// `pending`, `deploying`, `registering`, `completed` or `failed`.
+    /// `pending`, `deploying`, `completed` or `failed` (`registering` is seed 000's, but one
+    /// transaction deploys and registers, so it is never reported).
     pub status: String,
     pub model_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -43,13 +44,13 @@ pub struct DeploymentStatusResponse {
     pub block_number: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub explorer_url: Option<String>,
-    /// Gas of deployment plus registration.
+    /// Gas of the deployment (which registers too).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gas_used: Option<String>,
     /// The deployment's effective gas price (wei).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gas_price: Option<String>,
-    /// Wei paid for both transactions.
+    /// Wei paid for the transaction.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub total_cost: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -194,28 +195,24 @@ pub fn progress(
         if let Some(d) = &entry.deploy {
             s.status = "deploying".into();
             s.deployment_tx_hash = Some(d.hash.to_string());
+            // One transaction deploys and registers.
+            s.registry_tx_hash = Some(d.hash.to_string());
             s.token_address = entry.token_address.map(|a| a.to_checksum(None));
             s.explorer_url = link(format!("tx/{}", d.hash));
             steps.push(entry.deploy_at.clone());
-        }
-        if let Some(r) = &entry.register {
-            s.status = "registering".into();
-            s.registry_tx_hash = Some(r.hash.to_string());
-            steps.push(entry.register_at.clone());
         }
     }
     if let (true, Some(event)) = (ours, &entry.event) {
         let e: TokenDeployed = serde_json::from_str(event)?;
         let num = |v: &str| v.parse::<u128>().unwrap_or(0);
-        let cost = num(&e.gas_used) * num(&e.gas_price)
-            + num(&e.registry_gas_used) * num(&e.registry_gas_price);
+        let cost = num(&e.gas_used) * num(&e.gas_price);
         s.status = "completed".into();
         s.explorer_url = link(format!("tx/{}", e.transaction_hash));
         s.token_address = Some(e.token_address);
         s.deployment_tx_hash = Some(e.transaction_hash);
         s.registry_tx_hash = Some(e.registry_transaction_hash).filter(|h| !h.is_empty());
         s.block_number = Some(e.block_number);
-        s.gas_used = Some((num(&e.gas_used) + num(&e.registry_gas_used)).to_string());
+        s.gas_used = Some(e.gas_used.clone());
         s.gas_price = Some(e.gas_price);
         s.total_cost = Some(cost.to_string());
         steps.push(entry.event_at.clone().or(Some(e.deployment_timestamp)));
@@ -261,9 +258,9 @@ mod tests {
         }
     }
 
-    /// Pending, deploying, registering and the end (completed or failed): `updated_at` moves
-    /// at each, even when the end's own time is written in whole seconds, earlier than the
-    /// step before it in milliseconds.
+    /// Pending, deploying and the end (failed here): `updated_at` moves at each, even when the
+    /// end's own time is written in whole seconds, earlier than the step before it in
+    /// milliseconds.
     #[test]
     fn updated_at_moves_at_every_transition() {
         let rec: HashMap<String, String> = [
@@ -281,10 +278,7 @@ mod tests {
         let mut history = vec![seen(&entry, None)];
         entry.message_id = Some("d1".into());
         entry.deploy = Some(tx(1));
-        entry.deploy_at = Some("2026-12-02T05:00:01.300Z".into());
-        history.push(seen(&entry, None));
-        entry.register = Some(tx(2));
-        entry.register_at = Some("2026-12-02T05:00:01.300Z".into());
+        entry.deploy_at = Some("2026-12-02T05:00:01.900Z".into());
         history.push(seen(&entry, None));
         let failed = serde_json::json!({
             "event_type": "token_deployment_failed", "message_id": "d1", "model_id": "m",
@@ -294,7 +288,7 @@ mod tests {
         .to_string();
         history.push(seen(&entry, Some(&failed)));
         let statuses: Vec<&str> = history.iter().map(|(s, _)| s.as_str()).collect();
-        assert_eq!(statuses, ["pending", "deploying", "registering", "failed"]);
+        assert_eq!(statuses, ["pending", "deploying", "failed"]);
         for pair in history.windows(2) {
             assert!(
                 time(&pair[1].1) > time(&pair[0].1),

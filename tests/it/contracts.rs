@@ -11,6 +11,7 @@ use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::types::TransactionReceipt;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolEvent;
+use hokusai_deployer::chain::contracts::TokenFactory;
 use hokusai_deployer::chain::{HokusaiToken, ModelRegistry, TokenManager};
 use hokusai_deployer::localstack::ANVIL_DEV_KEY;
 
@@ -205,4 +206,169 @@ async fn token_registry_and_manager_enforce_their_roles() {
         token.balanceOf(other_addr).call().await.unwrap(),
         U256::from(605)
     );
+}
+
+/// anvil's fifth development key: funded, and neither a deployer nor a registrar.
+const STRANGER_KEY: &str = "0x47e179ec197488593b187f80a00eb0da91f1b9d0b13f8733639f19c30a34926a";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manager_deploys_and_registers_a_clone_at_the_predicted_address_in_one_transaction() {
+    let stack = Stack::start().await;
+    let (owner, owner_addr) = wallet_provider(&stack, ANVIL_DEV_KEY);
+    let (stranger, stranger_addr) = wallet_provider(&stack, STRANGER_KEY);
+    let manager_addr = stack.boot.token_manager;
+    let mgr = TokenManager::new(manager_addr, &owner);
+
+    // The chain's prediction and ours agree, before anything is sent.
+    let factory = TokenFactory::read(&owner, manager_addr).await.unwrap();
+    assert_eq!(factory.implementation, stack.boot.token_implementation);
+    let predicted = mgr.predictToken("clone_1".into()).call().await.unwrap();
+    assert_eq!(factory.predict("clone_1"), predicted);
+    assert_ne!(
+        factory.predict("clone_2"),
+        predicted,
+        "one address per model id"
+    );
+    assert_eq!(
+        mgr.saltOf("clone_1".into()).call().await.unwrap(),
+        factory.salt("clone_1")
+    );
+
+    // Only deployers deploy; only the owner names them.
+    let err = TokenManager::new(manager_addr, &stranger)
+        .deployToken(
+            "clone_1".into(),
+            "Hokusai clone_1".into(),
+            "HK-C1".into(),
+            "accuracy".into(),
+        )
+        .call()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.as_decoded_interface_error::<TokenManager::TokenManagerErrors>(),
+            Some(TokenManager::TokenManagerErrors::NotDeployer(_))
+        ),
+        "{err}"
+    );
+    assert!(TokenManager::new(manager_addr, &stranger)
+        .setDeployer(stranger_addr, true)
+        .call()
+        .await
+        .is_err());
+
+    // One transaction: the clone, its initialization and its registration.
+    let receipt = mgr
+        .deployToken(
+            "clone_1".into(),
+            "Hokusai clone_1".into(),
+            "HK-C1".into(),
+            "accuracy".into(),
+        )
+        .mine()
+        .await;
+    eprintln!("deployToken gas: {}", receipt.gas_used);
+    assert!(receipt.gas_used <= 300_000, "{} gas", receipt.gas_used);
+    let logs = receipt.inner.logs();
+    let deployed = logs
+        .iter()
+        .find_map(|l| TokenManager::TokenDeployed::decode_log(&l.inner).ok())
+        .expect("TokenDeployed is emitted");
+    assert_eq!(
+        (
+            deployed.modelId.as_str(),
+            deployed.token,
+            deployed.performanceMetric.as_str()
+        ),
+        ("clone_1", predicted, "accuracy")
+    );
+    assert!(logs
+        .iter()
+        .any(|l| l.address() == predicted
+            && HokusaiToken::ControllerSet::decode_log(&l.inner).is_ok()));
+    let reg = ModelRegistry::new(stack.boot.model_registry, &owner);
+    let m = reg.getModel("clone_1".into()).call().await.unwrap();
+    assert!(m.registered);
+    assert_eq!(
+        (m.token, m.performanceMetric.as_str()),
+        (predicted, "accuracy")
+    );
+    assert_eq!(reg.modelOfToken(predicted).call().await.unwrap(), "clone_1");
+
+    // A second token for the model: refused by the chain, naming the model and its token.
+    let err = mgr
+        .deployToken(
+            "clone_1".into(),
+            "Again".into(),
+            "HK-AGAIN".into(),
+            "f1".into(),
+        )
+        .call()
+        .await
+        .unwrap_err();
+    match err.as_decoded_interface_error::<TokenManager::TokenManagerErrors>() {
+        Some(TokenManager::TokenManagerErrors::TokenExists(e)) => {
+            assert_eq!((e.modelId.as_str(), e.token), ("clone_1", predicted))
+        }
+        other => panic!("{other:?}: {err}"),
+    }
+
+    // The clone behaves as the seed's token: name, symbol, decimals, controller, owner.
+    let token = HokusaiToken::new(predicted, &owner);
+    assert_eq!(token.name().call().await.unwrap(), "Hokusai clone_1");
+    assert_eq!(token.symbol().call().await.unwrap(), "HK-C1");
+    assert_eq!(token.decimals().call().await.unwrap(), 18);
+    assert_eq!(token.controller().call().await.unwrap(), manager_addr);
+    assert_eq!(token.owner().call().await.unwrap(), manager_addr);
+    // Mint and burn by the controller only.
+    mgr.mintTokens("clone_1".into(), stranger_addr, U256::from(1000))
+        .mine()
+        .await;
+    mgr.burnTokens("clone_1".into(), stranger_addr, U256::from(300))
+        .mine()
+        .await;
+    assert_eq!(
+        token.balanceOf(stranger_addr).call().await.unwrap(),
+        U256::from(700)
+    );
+    for p in [&owner, &stranger] {
+        let err = HokusaiToken::new(predicted, p)
+            .mint(stranger_addr, U256::from(1))
+            .call()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err.as_decoded_interface_error::<HokusaiToken::HokusaiTokenErrors>(),
+                Some(HokusaiToken::HokusaiTokenErrors::NotController(_))
+            ),
+            "{err}"
+        );
+    }
+    // Initialized once: neither the clone nor the implementation can be initialized again.
+    for addr in [predicted, stack.boot.token_implementation] {
+        let err = HokusaiToken::new(addr, &stranger)
+            .initialize("Evil".into(), "EVIL".into(), stranger_addr)
+            .call()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err.as_decoded_interface_error::<HokusaiToken::HokusaiTokenErrors>(),
+                Some(HokusaiToken::HokusaiTokenErrors::AlreadyInitialized(_))
+            ),
+            "{addr}: {err}"
+        );
+    }
+    // The owner's right to hand control over passes through the manager's owner.
+    assert!(TokenManager::new(manager_addr, &stranger)
+        .setTokenController("clone_1".into(), stranger_addr)
+        .call()
+        .await
+        .is_err());
+    mgr.setTokenController("clone_1".into(), owner_addr)
+        .mine()
+        .await;
+    assert_eq!(token.controller().call().await.unwrap(), owner_addr);
 }

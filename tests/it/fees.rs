@@ -161,7 +161,7 @@ async fn a_transaction_priced_under_the_base_fee_is_replaced_and_deploys_once() 
     stack
         .push(&model_message("stuck-1", "stuck_model", "stuck"))
         .await;
-    let sent = audit_entries(&stack, "tx_sent", 2).await;
+    let sent = audit_entries(&stack, "tx_sent", 1).await;
     let original = sent
         .iter()
         .find(|e| e["step"] == "deploy")
@@ -173,7 +173,7 @@ async fn a_transaction_priced_under_the_base_fee_is_replaced_and_deploys_once() 
     let event = stack.next_json(OUT).await;
     drop(miner);
     worker.stop().await;
-    let replaced = audit_entries(&stack, "tx_replaced", 2).await;
+    let replaced = audit_entries(&stack, "tx_replaced", 1).await;
     let deploy_replacement = replaced
         .iter()
         .find(|e| e["step"] == "deploy")
@@ -218,7 +218,7 @@ async fn a_nonce_gap_is_healed_by_rebroadcasting_the_missing_transaction() {
             ))
             .await;
     }
-    let sent = audit_entries(&stack, "tx_sent", 6).await;
+    let sent = audit_entries(&stack, "tx_sent", 3).await;
     let lowest = sent
         .iter()
         .min_by_key(|e| e["nonce"].parse::<u64>().unwrap())

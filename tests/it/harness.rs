@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use alloy::primitives::Address;
 use alloy::providers::Provider;
+use alloy::sol_types::SolEvent;
 use fred::prelude::*;
 use hokusai_deployer::chain::{self, Bootstrap};
 use hokusai_deployer::config::{Secret, Settings, Sources};
@@ -67,9 +68,14 @@ impl Stack {
             .expect("anvil must start (make tools)");
         let base = settings_for(&redis.url("redis"), &anvil.url("http"), None, &[]);
         let other = chain::signer(&Secret::new(OTHER_KEY)).unwrap().address();
-        let boot = chain::bootstrap(&base, &Secret::new(ANVIL_DEV_KEY), Some(other))
-            .await
-            .expect("contracts deploy on a fresh anvil");
+        let boot = chain::bootstrap(
+            &base,
+            &Secret::new(ANVIL_DEV_KEY),
+            &[other],
+            chain::contracts::NO_NAMESPACE,
+        )
+        .await
+        .expect("contracts deploy on a fresh anvil");
         let as_str: Vec<(&str, &str)> = redis_env
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
@@ -151,6 +157,8 @@ impl Stack {
     /// serves `/health` too). The API reads models from `mlflow`.
     pub fn api(&self, name: &str, mlflow: &str, extra_env: &[(&str, &str)]) -> Daemon {
         let mut env: Vec<(&str, &str)> = vec![
+            // Tests poll status fast; the per-user read limit has a test of its own.
+            ("HOKUSAI__API__LIMITS__STATUS_PER_MINUTE", "100000"),
             ("HOKUSAI__API__MLFLOW__URL", mlflow),
             ("HOKUSAI__API__JWT__SECRET", crate::api::JWT_SECRET),
             ("HOKUSAI__API__JWT__AUDIENCE", "hokusai-deployer"),
@@ -287,21 +295,67 @@ impl Stack {
         chain::provider(&self.settings(&[])).expect("provider")
     }
 
-    /// Contract creations sent by the dev account, counted block by block: the ground truth
-    /// for "one token per model" (registry entries alone would hide an orphan token).
+    /// Tokens created by the dev account, counted on chain: the ground truth for "one token
+    /// per model" (registry entries alone would hide an orphan token).
     pub async fn creations(&self) -> usize {
         self.creations_by(&[ANVIL_DEV_KEY]).await
     }
 
-    /// Contract creations sent by any of these keys, less the bootstrap's two.
+    /// Tokens created by transactions of any of these keys: the manager's `TokenDeployed`
+    /// events in their successful transactions, plus any contract they created themselves
+    /// beyond the bootstrap's three (an orphan token).
     pub async fn creations_by(&self, keys: &[&str]) -> usize {
+        let (mut created, mut creates) = (0, 0);
+        for (tx, receipt) in self.transactions_by(keys).await {
+            use alloy::consensus::Transaction;
+            if tx.inner.kind().is_create() {
+                creates += 1;
+            }
+            created += receipt
+                .inner
+                .logs()
+                .iter()
+                .filter(|l| {
+                    l.address() == self.boot.token_manager
+                        && l.topics().first()
+                            == Some(&chain::TokenManager::TokenDeployed::SIGNATURE_HASH)
+                })
+                .count();
+        }
+        // The implementation, the registry and the manager are the bootstrap's creations.
+        let bootstrap = if keys.contains(&ANVIL_DEV_KEY) { 3 } else { 0 };
+        created + creates - bootstrap
+    }
+
+    /// Transactions of these keys that reverted, and the gas they burnt: a duplicate
+    /// `deployToken` the chain refused is wasted money.
+    pub async fn wasted_by(&self, keys: &[&str]) -> (usize, u64) {
+        let mut n = 0;
+        let mut gas = 0;
+        for (_, receipt) in self.transactions_by(keys).await {
+            if !receipt.status() {
+                n += 1;
+                gas += receipt.gas_used;
+            }
+        }
+        (n, gas)
+    }
+
+    /// Every mined transaction sent by one of these keys, with its receipt.
+    async fn transactions_by(
+        &self,
+        keys: &[&str],
+    ) -> Vec<(
+        alloy::rpc::types::Transaction,
+        alloy::rpc::types::TransactionReceipt,
+    )> {
         let p = self.provider();
-        let deployers: Vec<Address> = keys
+        let senders: Vec<Address> = keys
             .iter()
             .map(|k| chain::signer(&Secret::new(*k)).unwrap().address())
             .collect();
         let head = p.get_block_number().await.expect("block number");
-        let mut n = 0;
+        let mut out = Vec::new();
         for b in 0..=head {
             let block = p
                 .get_block_by_number(b.into())
@@ -310,14 +364,17 @@ impl Stack {
                 .expect("block")
                 .expect("block exists");
             for tx in block.transactions.txns() {
-                use alloy::consensus::Transaction;
-                if deployers.contains(&tx.inner.signer()) && tx.inner.kind().is_create() {
-                    n += 1;
+                if senders.contains(&tx.inner.signer()) {
+                    let receipt = p
+                        .get_transaction_receipt(*tx.inner.tx_hash())
+                        .await
+                        .expect("receipt")
+                        .expect("a mined transaction has a receipt");
+                    out.push((tx.clone(), receipt));
                 }
             }
         }
-        // The registry and the manager are the bootstrap's two creations.
-        n - 2
+        out
     }
 }
 

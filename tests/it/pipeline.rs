@@ -100,7 +100,15 @@ pub(crate) async fn assert_deployed_by(
     assert_eq!(event["performance_metric"], metric);
     assert_eq!(event["network"], "anvil");
     assert_eq!(event["message_version"], "1.0");
-    assert!(event["gas_used"].as_str().unwrap().parse::<u64>().unwrap() > 500_000);
+    // One `deployToken` (clone, initialization, registration): seed 001's gas budget.
+    let gas: u64 = event["gas_used"].as_str().unwrap().parse().unwrap();
+    assert!(gas > 100_000 && gas <= 300_000, "{gas} gas");
+    assert_eq!(
+        event["registry_transaction_hash"],
+        event["transaction_hash"]
+    );
+    assert_eq!(event["registry_gas_used"], event["gas_used"]);
+    assert_eq!(event["registry_block_number"], event["block_number"]);
     assert!(
         event["gas_price"]
             .as_str()
@@ -394,33 +402,58 @@ async fn retries_exhausted_go_to_the_dlq_with_the_attempt_count() {
     worker.stop().await;
 }
 
-/// The registration does not wait for the deployment's receipt: with blocks every 2 s, both
-/// transactions of a model land in the same block (a waiting worker needs two blocks).
+/// A journal that holds a transaction which does not call our token manager (the
+/// two-transaction version's contract creation, or another manager's call) is not finished as
+/// if it were ours: the message is dead-lettered `JOURNAL_CORRUPT` naming the transaction, and
+/// nothing is sent or published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deployment_and_registration_land_in_the_same_block() {
-    let stack = Stack::start_with(StackOpts {
-        anvil_args: &["--block-time", "2"],
+async fn a_journal_for_other_contracts_is_not_finished_as_ours() {
+    use alloy::consensus::{SignableTransaction, TxEip1559, TxEnvelope};
+    use alloy::eips::eip2718::Encodable2718;
+    use alloy::network::TxSignerSync;
+    use fred::prelude::*;
+    let stack = Stack::start().await;
+    // An old-style contract creation, signed by the deployer key at a nonce never used.
+    let key: alloy::signers::local::PrivateKeySigner =
+        hokusai_deployer::localstack::ANVIL_DEV_KEY.parse().unwrap();
+    let mut tx = TxEip1559 {
+        chain_id: 31337,
+        nonce: 9_999,
+        gas_limit: 900_000,
+        max_fee_per_gas: 1_000_000_000,
+        to: alloy::primitives::TxKind::Create,
         ..Default::default()
-    })
-    .await;
+    };
+    let sig = key.sign_transaction_sync(&mut tx).unwrap();
+    let env = TxEnvelope::Eip1559(tx.into_signed(sig));
+    let fields = vec![
+        ("message_id", "old-1".to_owned()),
+        ("first_attempt_at", "2026-11-01T00:00:00Z".to_owned()),
+        ("deploy_signer", key.address().to_string()),
+        ("deploy_nonce", "9999".to_owned()),
+        ("deploy_hash", env.tx_hash().to_string()),
+        ("deploy_raw", alloy::primitives::Bytes::from(env.encoded_2718()).to_string()),
+        ("token_address", Address::repeat_byte(7).to_string()),
+    ];
+    let _: () = stack
+        .client
+        .hset("hokusai:deployer:journal:model_7", fields)
+        .await
+        .unwrap();
     let worker = stack.worker(&[]);
-    for i in 0..3 {
-        stack
-            .push(&model_message(
-                &format!("same-block-{i}"),
-                &format!("same_block_{i}"),
-                &format!("sb-{i}"),
-            ))
-            .await;
-    }
-    for _ in 0..3 {
-        let e = stack.next_json(OUT).await;
-        assert_eq!(
-            e["block_number"], e["registry_block_number"],
-            "deploy and registration in one block: {e}"
-        );
-    }
+    stack.push(&envelope("old-1", |_| {})).await;
+    let letter = stack.next_json(DLQ).await;
     worker.stop().await;
+    assert_eq!(letter["error"]["code"], "JOURNAL_CORRUPT", "{letter}");
+    assert!(
+        letter["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&env.tx_hash().to_string()),
+        "{letter}"
+    );
+    assert_eq!(stack.len(OUT).await, 0);
+    assert_eq!(stack.creations().await, 0);
 }
 
 /// Fees above the cap: the message waits (retried, not counted against `max_retries`), sends
