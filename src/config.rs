@@ -267,6 +267,8 @@ impl ChainSettings {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct PipelineSettings {
+    /// The most messages in flight per process: a cap over the chain's own bound (two blocks'
+    /// worth of deployments, see `Chain::in_flight_bound`).
     pub concurrency: usize,
     pub max_retries: u32,
     pub backoff_initial_ms: u64,

@@ -77,6 +77,24 @@ pub const NO_NAMESPACE: B256 =
     b256!("0000000000000000000000000000000000000000000000000000000000000000");
 
 impl Chain {
+    /// How many messages to have in flight: two blocks' worth of deployments (a message is in
+    /// flight for about one block, from its signature to its receipt, so two keep every block
+    /// full while the last one's receipts are read), from the latest block's gas limit and
+    /// the gas of one `deployToken`, never more than `cap` (`pipeline.concurrency`). The
+    /// chain decides, not a fixed count: 30 M-gas blocks hold about 115 models.
+    pub async fn in_flight_bound(&self, cap: usize) -> usize {
+        let gas_limit = match self
+            .provider
+            .get_block_by_number(alloy::eips::BlockNumberOrTag::Latest)
+            .await
+        {
+            Ok(Some(b)) => b.header.gas_limit,
+            // Unknown: the cap decides.
+            _ => return cap.max(1),
+        };
+        in_flight_bound(gas_limit, cap)
+    }
+
     /// The token a model is registered with, if any: the chain's final word on duplicates.
     pub async fn registered_token(&self, model_id: &str) -> Result<Option<Address>, ChainError> {
         let reg = ModelRegistry::new(self.registry, &self.provider);
@@ -99,6 +117,12 @@ impl Chain {
             .into(),
         }
     }
+}
+
+/// Two blocks' worth of `deployToken` transactions in a block of `gas_limit`, under `cap`.
+pub fn in_flight_bound(gas_limit: u64, cap: usize) -> usize {
+    let per_block = (gas_limit / DEPLOY_TOKEN_GAS).max(1) as usize;
+    (2 * per_block).min(cap).max(1)
 }
 
 /// The roles a worker needs, with what grants a missing one: the manager wired to the
@@ -204,4 +228,19 @@ pub async fn bootstrap(
         deployers: all,
         namespace,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_in_flight_bound_follows_the_block_gas_limit_under_the_cap() {
+        // anvil and mainnet-sized blocks: 115 models each, two blocks' worth.
+        assert_eq!(in_flight_bound(30_000_000, 512), 230);
+        assert_eq!(in_flight_bound(30_000_000, 64), 64);
+        // A tiny block still lets one through.
+        assert_eq!(in_flight_bound(100_000, 512), 2);
+        assert_eq!(in_flight_bound(0, 0), 1);
+    }
 }

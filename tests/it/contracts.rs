@@ -372,3 +372,61 @@ async fn the_manager_deploys_and_registers_a_clone_at_the_predicted_address_in_o
         .await;
     assert_eq!(token.controller().call().await.unwrap(), owner_addr);
 }
+
+/// `run` with a key that is no deployer, a manager that is not a registrar, or a
+/// `chain.token_manager_address` that is no token manager: it refuses to start, and the error
+/// names the missing role and what grants it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_its_roles_refuses_to_start_and_names_them() {
+    let stack = Stack::start().await;
+    let run = |extra: Vec<(String, String)>| {
+        let env = stack.env(
+            &extra
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect::<Vec<_>>(),
+        );
+        async move {
+            let out = tokio::time::timeout(
+                std::time::Duration::from_secs(60),
+                tokio::process::Command::new(env!("CARGO_BIN_EXE_hokusai-deployer"))
+                    .arg("run")
+                    .env_clear()
+                    .envs(env)
+                    .env("HOKUSAI__OPS__PORT", "0")
+                    .env("HOKUSAI__LOG__FORMAT", "json")
+                    .output(),
+            )
+            .await
+            .expect("run exits by itself")
+            .unwrap();
+            assert!(!out.status.success());
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        }
+    };
+    let e = run(vec![(
+        "HOKUSAI__CHAIN__PRIVATE_KEY".into(),
+        STRANGER_KEY.into(),
+    )])
+    .await;
+    assert!(
+        e.contains("is not a deployer") && e.contains("setDeployer("),
+        "{e}"
+    );
+    let e = run(vec![(
+        "HOKUSAI__CHAIN__TOKEN_MANAGER_ADDRESS".into(),
+        stack.boot.model_registry.to_string(),
+    )])
+    .await;
+    assert!(e.contains("is not a TokenManager"), "{e}");
+    let (owner, _) = wallet_provider(&stack, ANVIL_DEV_KEY);
+    ModelRegistry::new(stack.boot.model_registry, &owner)
+        .setRegistrar(stack.boot.token_manager, false)
+        .mine()
+        .await;
+    let e = run(vec![]).await;
+    assert!(
+        e.contains("is not a registrar") && e.contains("setRegistrar("),
+        "{e}"
+    );
+}

@@ -432,7 +432,10 @@ async fn a_journal_for_other_contracts_is_not_finished_as_ours() {
         ("deploy_signer", key.address().to_string()),
         ("deploy_nonce", "9999".to_owned()),
         ("deploy_hash", env.tx_hash().to_string()),
-        ("deploy_raw", alloy::primitives::Bytes::from(env.encoded_2718()).to_string()),
+        (
+            "deploy_raw",
+            alloy::primitives::Bytes::from(env.encoded_2718()).to_string(),
+        ),
         ("token_address", Address::repeat_byte(7).to_string()),
     ];
     let _: () = stack
