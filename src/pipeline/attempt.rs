@@ -2,7 +2,18 @@
 //! model's one `deployToken` transaction (journaled before broadcast), wait for its receipt
 //! (replacing it while stuck), and build the event.
 
-use super::*;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use alloy::primitives::Address;
+use chrono::Utc;
+use tracing::{info, warn};
+
+use super::{AttemptError, Deployer, Done, STEP};
+use crate::chain::{Call, ChainError, Mined, SendError, Stuck, Waited};
+use crate::journal::{Entry, JournalError, TxRecord};
+use crate::message::{self, Inbound, TokenDeployed};
+use crate::telemetry::names;
 
 impl Deployer {
     /// One attempt: under the model's lock, resume from the journal and return the event.
@@ -336,6 +347,3 @@ fn token_exists_or(e: AttemptError, model_id: &str) -> AttemptError {
         _ => e,
     }
 }
-
-/// The `step` label of the transaction metrics: one transaction per model now.
-const STEP: &str = "deploy";

@@ -1,7 +1,24 @@
 //! One message from taken to acked or dead-lettered: parsing and validation, the retry
 //! decision with backoff, publishing the event and acknowledging in one step, dead letters.
 
-use super::*;
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn, Instrument};
+
+use super::{AttemptError, Deployer, Done, FeeWait, Outcome, WorkerStatus};
+use crate::audit::{Audit, Fields};
+use crate::chain::{Chain, ChainError};
+use crate::config::Settings;
+use crate::journal::Journal;
+use crate::message::{self, DeadLetter, DeadLetterError, DeploymentFailed, Rejection, Rules};
+use crate::queue::{QueueError, Queues};
+use crate::telemetry::names;
 
 impl Deployer {
     pub fn new(

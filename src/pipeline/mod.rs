@@ -24,27 +24,20 @@ pub use status::WorkerStatus;
 pub use worker::{run, RunOptions};
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use alloy::primitives::Address;
-use backon::{BackoffBuilder, ExponentialBuilder};
-use chrono::Utc;
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn, Instrument};
 
-use crate::audit::{Audit, Fields};
-use crate::chain::{Call, Chain, ChainError, Mined, SendError, Stuck, Waited, Wallet};
-use crate::config::{DeployerKey, Settings};
-use crate::journal::{Entry, Journal, JournalError, TxRecord};
-use crate::message::{
-    self, DeadLetter, DeadLetterError, DeploymentFailed, Inbound, Rejection, Rules, TokenDeployed,
-};
-use crate::queue::{QueueError, Queues, Redis};
-use crate::telemetry::names;
+use crate::audit::Audit;
+use crate::chain::{Chain, ChainError, SendError};
+use crate::config::Settings;
+use crate::journal::{Journal, JournalError};
+use crate::message::Rules;
+use crate::queue::{QueueError, Queues};
+
+/// The `step` label of the transaction metrics: one transaction per model now.
+const STEP: &str = "deploy";
 
 /// Why one attempt at a message failed, sorted once into retry or give up.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,21 @@
 //! requeue what a previous run of this worker left, take messages under the in-flight bound,
 //! and drain at shutdown.
 
-use super::*;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use super::{AttemptError, Deployer, WorkerStatus};
+use crate::chain::{Chain, Wallet};
+use crate::config::{DeployerKey, Settings};
+use crate::journal::Journal;
+use crate::queue::{Queues, Redis};
+use crate::telemetry::names;
 
 /// Options of a worker run that do not come from configuration.
 #[derive(Debug, Clone)]
