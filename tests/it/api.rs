@@ -527,7 +527,20 @@ async fn a_deployment_the_chain_refuses_reports_deployment_failed() {
     let model = seed_model(&unique("api_refused"), true).await;
     let api = stack.api("api-refused", mlflow().await, &[]);
     ready(&api).await;
-    let worker = stack.worker(&[]);
+    let status = std::sync::Arc::new(hokusai_deployer::pipeline::WorkerStatus::default());
+    let worker = crate::harness::Worker::start(
+        stack.settings(&[]),
+        hokusai_deployer::pipeline::RunOptions {
+            status: status.clone(),
+            ..Default::default()
+        },
+    );
+    // Running: past its start-up checks, which would refuse a key without the role.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while status.phase() != "running" {
+        assert!(std::time::Instant::now() < deadline, "the worker never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The owner revokes the worker's role (owner and worker share the dev key here).
     let owner = alloy::providers::ProviderBuilder::new()
         .wallet(alloy::network::EthereumWallet::from(

@@ -374,19 +374,7 @@ async fn the_public_port_serves_the_api_and_health_and_the_ops_port_the_rest() {
         text.contains(r#"hokusai_api_errors_total{code="AUTH_FAILED"} 1"#),
         "{text}"
     );
-    let file = std::env::temp_dir().join(format!("hokusai-api-metrics-{}.txt", std::process::id()));
-    std::fs::write(&file, &text).unwrap();
-    let check = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::fs::File::open(&file).unwrap())
-        .output()
-        .expect("promtool is installed (make tools)");
-    assert!(
-        check.status.success(),
-        "promtool: {}{}\n{text}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    crate::harness::promtool_check(&text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

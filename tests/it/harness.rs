@@ -635,3 +635,21 @@ impl Switch {
         }
     }
 }
+
+/// `promtool check metrics` passes on a scrape (lint and parse).
+#[track_caller]
+pub fn promtool_check(text: &str) {
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), text).unwrap();
+    let check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(file.path()).unwrap())
+        .output()
+        .expect("promtool is installed (make tools)");
+    assert!(
+        check.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+}

@@ -174,19 +174,7 @@ async fn metrics_pass_promtool_and_count_what_happened() {
 
     let (status, text) = d.get("/metrics").await;
     assert_eq!(status, 200);
-    let file = std::env::temp_dir().join(format!("hokusai-metrics-{}.txt", std::process::id()));
-    std::fs::write(&file, &text).unwrap();
-    let check = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::fs::File::open(&file).unwrap())
-        .output()
-        .expect("promtool is installed (make tools)");
-    assert!(
-        check.status.success(),
-        "promtool: {}{}\n{text}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    crate::harness::promtool_check(&text);
 
     let m = samples(&text);
     let get = |k: &str| {
