@@ -78,7 +78,7 @@ impl Role {
 }
 
 /// Escapes Redis glob characters so a queue name matches only itself.
-fn glob_escape(name: &str) -> String {
+pub(crate) fn glob_escape(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     for c in name.chars() {
         if matches!(c, '*' | '?' | '[' | ']' | '\\') {

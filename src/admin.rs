@@ -3,7 +3,9 @@
 //! Redis step, so two operators racing never lose or double a message, and every change is
 //! written to the audit trail.
 
+use chrono::{DateTime, Utc};
 use fred::prelude::*;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{Audit, Fields};
@@ -55,6 +57,16 @@ local n = redis.call('LLEN', KEYS[1])
 redis.call('DEL', KEYS[1])
 return n
 "#;
+
+/// Which stored events `events replay` re-publishes.
+#[derive(Debug, Clone)]
+pub enum Replay {
+    /// These models' events.
+    Models(Vec<String>),
+    /// Every event published at or after this time (the journal's `event_at`, else the
+    /// event's `deployment_timestamp`).
+    Since(DateTime<Utc>),
+}
 
 /// Who paused the workers, when and why.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -208,6 +220,74 @@ impl Admin {
                 .await;
         }
         Ok(moved)
+    }
+
+    /// Re-publishes stored `token_deployed` events from the journal, each with
+    /// `"replayed": true`, onto `to` (default the outbound queue), in the order of their models'
+    /// ids. Changes nothing on chain. Returns the model ids replayed; one audit entry names
+    /// them and the operator.
+    pub async fn replay_events(
+        &self,
+        which: &Replay,
+        to: Option<&str>,
+    ) -> Result<Vec<String>, QueueError> {
+        let prefix = &self.q.state_prefix;
+        let models: Vec<String> = match which {
+            Replay::Models(m) => m.clone(),
+            Replay::Since(_) => {
+                let strip = crate::journal::Journal::key_of(prefix, "");
+                let pattern = format!("{}*", crate::acl::glob_escape(&strip));
+                let mut keys = self.client.scan_buffered(pattern, Some(500), None);
+                let mut out = Vec::new();
+                while let Some(k) = keys.next().await {
+                    let k = k?;
+                    if let Some(id) = k.as_str().and_then(|s| s.strip_prefix(&strip)) {
+                        out.push(id.to_owned());
+                    }
+                }
+                out
+            }
+        };
+        let mut picked: Vec<(String, String)> = Vec::new();
+        for model in models {
+            let key = crate::journal::Journal::key_of(prefix, &model);
+            let (event, at): (Option<String>, Option<String>) =
+                self.client.hmget(&key, vec!["event", "event_at"]).await?;
+            let Some(event) = event else { continue };
+            let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&event) else {
+                continue;
+            };
+            if let Replay::Since(since) = which {
+                let when = at
+                    .as_deref()
+                    .or_else(|| v["deployment_timestamp"].as_str())
+                    .and_then(|t| DateTime::parse_from_rfc3339(t).ok());
+                if when.is_none_or(|t| t < *since) {
+                    continue;
+                }
+            }
+            v["replayed"] = true.into();
+            picked.push((model, v.to_string()));
+        }
+        picked.sort();
+        let queue = to.unwrap_or(&self.q.outbound);
+        if !picked.is_empty() {
+            let events: Vec<String> = picked.iter().map(|(_, e)| e.clone()).collect();
+            // Oldest model id first out of an LPUSH/BRPOP list.
+            let _: u64 = self.client.lpush(queue, events).await?;
+        }
+        let models: Vec<String> = picked.into_iter().map(|(m, _)| m).collect();
+        self.audit
+            .record(
+                "events_replayed",
+                Fields::from([
+                    ("count", models.len().to_string()),
+                    ("models", models.join(",").chars().take(1000).collect()),
+                    ("queue", queue.to_owned()),
+                ]),
+            )
+            .await;
+        Ok(models)
     }
 
     /// Moves every dead letter present when it starts back to the inbound queue, oldest first,

@@ -100,6 +100,11 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Re-publish stored token_deployed events for a downstream consumer.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
     /// Print a Redis ACL file (`redis-server --aclfile`) with a user per role: worker, api,
     /// operator, viewer, limited to the configured queues. Passwords come from
     /// HOKUSAI_ACL_<ROLE>_PASSWORD and are written as SHA-256 hashes; a role without one is
@@ -158,6 +163,35 @@ pub enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Push stored `token_deployed` events again, each with `"replayed": true`, from the
+    /// journal; nothing changes on chain.
+    Replay {
+        /// A model whose event to replay; repeat for more.
+        #[arg(
+            long = "model",
+            value_name = "MODEL_ID",
+            required_unless_present = "since"
+        )]
+        models: Vec<String>,
+        /// Every event published at or after this time (RFC 3339).
+        #[arg(long, conflicts_with = "models", value_parser = parse_time)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Push onto this list instead of the outbound queue.
+        #[arg(long)]
+        to_queue: Option<String>,
+        #[command(flatten)]
+        who: Operator,
+    },
+}
+
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("not an RFC 3339 time ({e}), e.g. 2026-12-01T00:00:00Z"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -354,6 +388,40 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             Ok(())
         }
         Command::Local { once } => local(&cli, *once, shutdown).await,
+        Command::Events {
+            command:
+                EventsCommand::Replay {
+                    models,
+                    since,
+                    to_queue,
+                    who,
+                },
+        } => {
+            let (admin, client) = admin(&cli, &who.operator).await?;
+            let which = match since {
+                Some(t) => crate::admin::Replay::Since(*t),
+                None => crate::admin::Replay::Models(models.clone()),
+            };
+            let replayed = admin.replay_events(&which, to_queue.as_deref()).await?;
+            println!(
+                "replayed {} event(s): {}",
+                replayed.len(),
+                replayed.join(", ")
+            );
+            let missing: Vec<&String> = models.iter().filter(|m| !replayed.contains(m)).collect();
+            if !missing.is_empty() {
+                eprintln!(
+                    "no stored event (not deployed by this service, or its journal expired): {}",
+                    missing
+                        .iter()
+                        .map(|m| m.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            let _ = client.quit().await;
+            Ok(())
+        }
         Command::Dlq { command } => dlq(&cli, command).await,
         Command::Queue {
             command: QueueCommand::Stats { json },

@@ -109,6 +109,11 @@ impl Journal {
         format!("{}:{model_id}", self.prefix)
     }
 
+    /// The Redis key of a model's journal.
+    pub fn key_of(state_prefix: &str, model_id: &str) -> String {
+        format!("{state_prefix}:journal:{model_id}")
+    }
+
     pub async fn load(&self, model_id: &str) -> Result<Entry, JournalError> {
         if !self.enabled {
             return Ok(Entry::default());

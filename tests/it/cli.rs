@@ -39,6 +39,8 @@ fn every_command_has_help() {
         vec!["resume", "--help"],
         vec!["audit", "--help"],
         vec!["audit", "tail", "--help"],
+        vec!["events", "--help"],
+        vec!["events", "replay", "--help"],
         vec!["redis-acl", "--help"],
     ] {
         let out = run(&args, &[]);

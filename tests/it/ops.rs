@@ -464,3 +464,83 @@ async fn a_low_deployer_balance_warns_in_readiness_and_metrics() {
     );
     d.sigterm(Duration::from_secs(30)).await;
 }
+
+/// `events replay` re-publishes stored events with `"replayed": true` (by model, since a time,
+/// or onto another list), changes nothing on chain, and its audit entry names the operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_events_are_replayed_by_model_since_a_time_and_onto_another_list() {
+    let stack = Stack::start().await;
+    let before = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let worker = stack.worker(&[]);
+    for i in 0..2 {
+        stack
+            .push(&model_message(
+                &format!("replay-{i}"),
+                &format!("replay_{i}"),
+                &format!("rp-{i}"),
+            ))
+            .await;
+    }
+    let mut originals = BTreeMap::new();
+    for _ in 0..2 {
+        let e = stack.next_json(OUT).await;
+        originals.insert(e["model_id"].as_str().unwrap().to_owned(), e);
+    }
+    worker.stop().await;
+    let tokens_before = stack.creations().await;
+
+    let (ok, out, err) = cli(
+        &stack,
+        &["events", "replay", "--model", "replay_1", "--model", "nope"],
+        &[],
+    )
+    .await;
+    assert!(ok && out.contains("replayed 1"), "{out}{err}");
+    assert!(err.contains("nope"), "{err}");
+    let again = stack.next_json(OUT).await;
+    assert_eq!(again["replayed"], true);
+    let mut stripped = again.clone();
+    stripped.as_object_mut().unwrap().remove("replayed");
+    assert_eq!(
+        stripped, originals["replay_1"],
+        "the stored event, word for word"
+    );
+
+    let (ok, out, _) = cli(
+        &stack,
+        &[
+            "events",
+            "replay",
+            "--since",
+            &before,
+            "--to-queue",
+            "website:replay",
+        ],
+        &[],
+    )
+    .await;
+    assert!(ok && out.contains("replayed 2"), "{out}");
+    assert_eq!(stack.len(OUT).await, 0);
+    assert_eq!(stack.len("website:replay").await, 2);
+    let (ok, out, _) = cli(
+        &stack,
+        &["events", "replay", "--since", "2999-01-01T00:00:00Z"],
+        &[],
+    )
+    .await;
+    assert!(ok && out.contains("replayed 0"), "{out}");
+    let (ok, _, err) = cli(&stack, &["events", "replay", "--since", "yesterday"], &[]).await;
+    assert!(!ok && err.contains("RFC 3339"), "{err}");
+
+    assert_eq!(stack.creations().await, tokens_before, "nothing on chain");
+    let (_, out, _) = cli(&stack, &["audit", "tail", "--json"], &[]).await;
+    assert!(
+        out.lines().any(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v["fields"]["action"] == "events_replayed"
+                && v["fields"]["actor"] == "operator:ops-test"
+                && v["fields"]["models"] == "replay_1"
+        }),
+        "{out}"
+    );
+}
