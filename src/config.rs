@@ -214,6 +214,21 @@ pub struct QueueSettings {
     pub failures: String,
     /// Prefix of journal, lock and heartbeat keys.
     pub state_prefix: String,
+    /// Backpressure: over this many events waiting on the outbound queue (the website has
+    /// stopped consuming), workers take no new message; 0 turns it off.
+    #[serde(default)]
+    pub outbound_max_len: u64,
+    /// ... until the outbound queue is back under this (default half the maximum).
+    #[serde(default)]
+    pub outbound_resume_len: Option<u64>,
+}
+
+impl QueueSettings {
+    /// The low-water mark under which a held-back worker takes messages again.
+    pub fn outbound_resume_len(&self) -> u64 {
+        self.outbound_resume_len
+            .unwrap_or(self.outbound_max_len / 2)
+    }
 }
 
 #[derive(Clone, Deserialize, Serialize)]
@@ -647,6 +662,14 @@ impl Settings {
             return Err(invalid(
                 "api.siwe.domain",
                 "must not be blank (leave it unset to refuse SIWE proofs)",
+            ));
+        }
+        if self.queues.outbound_max_len > 0
+            && self.queues.outbound_resume_len() >= self.queues.outbound_max_len
+        {
+            return Err(invalid(
+                "queues.outbound_resume_len",
+                "must be under queues.outbound_max_len",
             ));
         }
         if self.pipeline.concurrency == 0 {

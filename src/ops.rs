@@ -301,6 +301,7 @@ impl OpsState {
         if let Some(s) = w.signer() {
             info.insert("signer".into(), s.into());
         }
+        info.insert("backpressure".into(), w.backpressure().into());
         Some(if phase == "running" {
             Component {
                 status: "up",
@@ -490,6 +491,7 @@ async fn detailed(State(s): State<Arc<OpsState>>) -> Response {
             "phase": w.phase(),
             "signer": w.signer(),
             "paused": w.is_paused(),
+            "backpressure": w.backpressure(),
             "in_flight": w.in_flight(),
             "waiting_for_fees": w.waiting_for_fees(),
         })
@@ -528,6 +530,7 @@ async fn metrics_text(State(s): State<Arc<OpsState>>) -> Response {
     if let Some(w) = &s.worker {
         metrics::gauge!(names::IN_FLIGHT).set(w.in_flight() as f64);
         metrics::gauge!(names::FEE_WAITING).set(w.waiting_for_fees() as f64);
+        metrics::gauge!(names::BACKPRESSURE).set(if w.backpressure() { 1.0 } else { 0.0 });
     }
     (
         [(

@@ -327,6 +327,16 @@ impl Queues {
         Ok(n > 0)
     }
 
+    /// The pause flag and the outbound queue's length, in one round trip: whether to take
+    /// anything now.
+    pub async fn hold_state(&self) -> Result<(bool, u64), QueueError> {
+        let p = self.redis.commands.pipeline();
+        let _: () = p.exists(pause_key(&self.state_prefix)).await?;
+        let _: () = p.llen(&self.outbound).await?;
+        let (paused, outbound): (u64, u64) = p.all().await?;
+        Ok((paused > 0, outbound))
+    }
+
     /// Puts a message taken while paused back where the next consumer takes from.
     pub async fn put_back(&self, raw: &[u8]) -> Result<(), QueueError> {
         let _: i64 = self

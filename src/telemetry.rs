@@ -55,6 +55,7 @@ pub mod names {
     pub const FEE_WAITING: &str = "hokusai_messages_waiting_for_fees";
     pub const API_DURATION: &str = "hokusai_api_request_duration_seconds";
     pub const API_ERRORS: &str = "hokusai_api_errors_total";
+    pub const BACKPRESSURE: &str = "hokusai_backpressure";
 }
 
 static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
@@ -142,6 +143,10 @@ fn describe() {
     );
     describe_gauge!(WORKERS, "Workers with a live heartbeat at the last scrape.");
     describe_gauge!(IN_FLIGHT, "Messages this process is working on.");
+    describe_gauge!(
+        BACKPRESSURE,
+        "1 while this worker takes no new message because the outbound queue is over queues.outbound_max_len."
+    );
     describe_gauge!(
         PAUSED,
         "1 while the pause flag is set (workers take no new messages)."

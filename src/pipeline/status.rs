@@ -7,6 +7,8 @@ use std::sync::atomic::Ordering;
 pub struct WorkerStatus {
     phase: std::sync::Mutex<&'static str>,
     pub(super) paused: std::sync::atomic::AtomicBool,
+    /// Held back: the outbound queue is over `queues.outbound_max_len`.
+    pub(super) backpressure: std::sync::atomic::AtomicBool,
     pub(super) in_flight: std::sync::atomic::AtomicUsize,
     fee_waiting: std::sync::atomic::AtomicUsize,
     pub(super) worker_id: std::sync::OnceLock<String>,
@@ -28,6 +30,10 @@ impl WorkerStatus {
     }
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::Relaxed)
+    }
+    /// Taking nothing because the website's queue is full.
+    pub fn backpressure(&self) -> bool {
+        self.backpressure.load(Ordering::Relaxed)
     }
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)

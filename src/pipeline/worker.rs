@@ -228,13 +228,42 @@ pub async fn run(
                 Err(e) => warn!(error = %e, "sweeping our processing list failed; will retry"),
             }
         }
-        // Paused: take nothing; a message taken in the instant the flag was set goes back.
-        let paused = queues.paused().await.unwrap_or(false);
+        // Paused, or the website's queue full: take nothing; a message taken in the instant
+        // the flag was set goes back.
+        let (paused, outbound) = queues.hold_state().await.unwrap_or((false, 0));
         if paused != status.is_paused() {
             status.paused.store(paused, Ordering::Relaxed);
             info!(paused, "pause flag changed");
         }
-        if paused {
+        let held = backpressure(&settings, status.backpressure(), outbound);
+        if held != status.backpressure() {
+            status.backpressure.store(held, Ordering::Relaxed);
+            metrics::gauge!(names::BACKPRESSURE).set(if held { 1.0 } else { 0.0 });
+            if held {
+                warn!(
+                    outbound,
+                    max = settings.queues.outbound_max_len,
+                    "the outbound queue is full: taking no new message until it drains"
+                );
+            } else {
+                info!(
+                    outbound,
+                    "the outbound queue drained: taking messages again"
+                );
+            }
+            deployer
+                .audit
+                .record(
+                    if held {
+                        "backpressure_on"
+                    } else {
+                        "backpressure_off"
+                    },
+                    crate::audit::Fields::from([("outbound", outbound.to_string())]),
+                )
+                .await;
+        }
+        if paused || held {
             drop(permit);
             tokio::select! {
                 _ = tokio::time::sleep(PAUSE_POLL) => {}
@@ -310,6 +339,20 @@ pub async fn run(
     status.set_phase("stopped");
     info!("worker stopped");
     Ok(())
+}
+
+/// Whether the worker holds back: over `queues.outbound_max_len` it starts, and it stops only
+/// under the low-water mark, so it does not flap at the threshold.
+fn backpressure(settings: &Settings, holding: bool, outbound: u64) -> bool {
+    let q = &settings.queues;
+    if q.outbound_max_len == 0 {
+        return false;
+    }
+    if holding {
+        outbound >= q.outbound_resume_len()
+    } else {
+        outbound > q.outbound_max_len
+    }
 }
 
 /// How often a paused worker looks at the flag again.

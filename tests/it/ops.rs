@@ -544,3 +544,79 @@ async fn stored_events_are_replayed_by_model_since_a_time_and_onto_another_list(
         "{out}"
     );
 }
+
+/// The website stops consuming: past `queues.outbound_max_len` waiting events the worker takes
+/// no new message (health, metric and audit say so), in-flight work finishes, and once the
+/// queue drains under the low-water mark every message deploys. Nothing is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbound_queue_holds_the_worker_back_until_it_drains() {
+    let stack = Stack::start().await;
+    let mut d = stack.daemon(
+        "backpressure",
+        &[
+            ("HOKUSAI__QUEUES__OUTBOUND_MAX_LEN", "3"),
+            ("HOKUSAI__QUEUES__OUTBOUND_RESUME_LEN", "1"),
+        ],
+        &[],
+    );
+    d.until("/health/ready", "the worker ready", |code, _| code == 200)
+        .await;
+    // Nobody consumes: the first messages fill the outbound queue past 3.
+    for i in 0..4 {
+        stack
+            .push(&model_message(
+                &format!("bp-{i}"),
+                &format!("bp_{i}"),
+                &format!("bp-{i}"),
+            ))
+            .await;
+    }
+    let (_, v) = d
+        .until("/health/detailed", "held back", |_, v| {
+            v["worker"]["backpressure"] == true
+        })
+        .await;
+    assert_eq!(v["worker"]["in_flight"], 0, "in-flight work finished: {v}");
+    for i in 4..8 {
+        stack
+            .push(&model_message(
+                &format!("bp-{i}"),
+                &format!("bp_{i}"),
+                &format!("bp-{i}"),
+            ))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(stack.len(IN).await, 4, "nothing new taken while held back");
+    let (_, metrics) = d.get("/metrics").await;
+    assert!(metrics.contains("\nhokusai_backpressure 1\n"), "{metrics}");
+    let (_, ready) = d.get_json("/health/ready").await;
+    assert_eq!(
+        ready["components"]["worker"]["backpressure"], true,
+        "{ready}"
+    );
+
+    // The website catches up: every event arrives, once.
+    let mut models = BTreeSet::new();
+    while models.len() < 8 {
+        let e = stack.next_json(OUT).await;
+        assert!(
+            models.insert(e["model_id"].as_str().unwrap().to_owned()),
+            "{e}"
+        );
+    }
+    d.until("/health/detailed", "released", |_, v| {
+        v["worker"]["backpressure"] == false
+    })
+    .await;
+    assert_eq!(stack.lens(&[IN, DLQ]).await, vec![0, 0]);
+    let (_, out, _) = cli(&stack, &["audit", "tail", "-n", "200", "--json"], &[]).await;
+    for action in ["backpressure_on", "backpressure_off"] {
+        assert!(
+            out.lines()
+                .any(|l| serde_json::from_str::<Value>(l).unwrap()["fields"]["action"] == action),
+            "{action} audited: {out}"
+        );
+    }
+    assert!(d.sigterm(Duration::from_secs(30)).await.success());
+}
