@@ -136,18 +136,15 @@ pub async fn check_roles(
 ) -> Result<(), ChainError> {
     let reg = ModelRegistry::new(registry, provider);
     let man = TokenManager::new(manager, provider);
-    let (registrar, deployer, wired) = (
-        reg.registrars(manager),
-        man.deployers(signer),
-        man.registry(),
-    );
-    let (registrar, deployer, wired) =
-        tokio::try_join!(registrar.call(), deployer.call(), wired.call())?;
+    // The wiring first: a wrong registry address is then named, not a raw call failure.
+    let wired = man.registry().call().await?;
     if wired != registry {
         return Err(ChainError::MissingRole(format!(
             "the token manager {manager} uses registry {wired}, not chain.model_registry_address {registry}: set chain.model_registry_address to {wired}, or deploy a matching pair (`hokusai-deployer contracts deploy`)"
         )));
     }
+    let (registrar, deployer) = (reg.registrars(manager), man.deployers(signer));
+    let (registrar, deployer) = tokio::try_join!(registrar.call(), deployer.call())?;
     if !registrar {
         return Err(ChainError::MissingRole(format!(
             "the token manager {manager} is not a registrar of the registry {registry}: its owner must call setRegistrar({manager}, true)"

@@ -419,6 +419,17 @@ async fn a_worker_without_its_roles_refuses_to_start_and_names_them() {
     )])
     .await;
     assert!(e.contains("is not a TokenManager"), "{e}");
+    // A registry address that is not the manager's: named, with the address to set.
+    let e = run(vec![(
+        "HOKUSAI__CHAIN__MODEL_REGISTRY_ADDRESS".into(),
+        stack.boot.token_implementation.to_string(),
+    )])
+    .await;
+    assert!(
+        e.contains("chain.model_registry_address")
+            && e.contains(&stack.boot.model_registry.to_string()),
+        "{e}"
+    );
     let (owner, _) = wallet_provider(&stack, ANVIL_DEV_KEY);
     ModelRegistry::new(stack.boot.model_registry, &owner)
         .setRegistrar(stack.boot.token_manager, false)
