@@ -272,6 +272,30 @@ impl ApiState {
         }
     }
 
+    /// Admits one status or quote read of the caller (`api.limits.status_per_minute`).
+    pub(super) async fn admit_read(&self, user: &str) -> Result<(), ApiError> {
+        let member = uuid::Uuid::new_v4().to_string();
+        match self
+            .limiter
+            .read(user, &member)
+            .await
+            .map_err(ApiError::redis)?
+        {
+            Decision::Admitted { .. } => Ok(()),
+            Decision::Refused {
+                limit,
+                retry_after_secs,
+                ..
+            } => Err(ApiError::throttled(
+                StatusCode::TOO_MANY_REQUESTS,
+                "RATE_LIMIT_EXCEEDED",
+                format!("at most {limit} status and quote requests a minute"),
+                limit,
+                retry_after_secs,
+            )),
+        }
+    }
+
     /// Takes `key` for `value` until it expires in `ttl_secs`: false when it was taken before.
     pub(super) async fn take_once(
         &self,

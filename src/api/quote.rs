@@ -18,7 +18,6 @@ use utoipa::ToSchema;
 use super::authorization::{self, ClientIp};
 use super::deployment::deployable;
 use super::errors::{ApiError, ErrorResponse, Request};
-use super::limits::Decision;
 use super::{symbol, ApiState};
 use crate::chain::Market;
 use crate::queue;
@@ -145,30 +144,6 @@ pub async fn quote(
     req.finish(&state, result)
 }
 
-/// Admits one status or quote read of the caller (`api.limits.status_per_minute`).
-pub(super) async fn admit_read(state: &ApiState, user: &str) -> Result<(), ApiError> {
-    let member = uuid::Uuid::new_v4().to_string();
-    match state
-        .limiter
-        .read(user, &member)
-        .await
-        .map_err(ApiError::redis)?
-    {
-        Decision::Admitted { .. } => Ok(()),
-        Decision::Refused {
-            limit,
-            retry_after_secs,
-            ..
-        } => Err(ApiError::throttled(
-            StatusCode::TOO_MANY_REQUESTS,
-            "RATE_LIMIT_EXCEEDED",
-            format!("at most {limit} status and quote requests a minute"),
-            limit,
-            retry_after_secs,
-        )),
-    }
-}
-
 async fn quote_inner(
     state: &ApiState,
     log: &mut Request,
@@ -177,7 +152,7 @@ async fn quote_inner(
 ) -> Result<Response, ApiError> {
     let proof = authorization::proof(headers, None)?;
     let who = state.authenticate(log, headers, None, proof).await?;
-    admit_read(state, &who.caller.user_id).await?;
+    state.admit_read(&who.caller.user_id).await?;
     let (mut model_id, mut user_address) = (None, None);
     for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match k.as_ref() {

@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 
 use super::authorization::ClientIp;
 use super::errors::{ApiError, ErrorResponse, Request};
-use super::{quote, ApiState};
+use super::ApiState;
 use crate::journal::Entry;
 use crate::message::{self, TokenDeployed};
 use crate::queue;
@@ -103,7 +103,7 @@ async fn status_inner(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let who = state.authenticate(log, headers, None, None).await?;
-    quote::admit_read(state, &who.caller.user_id).await?;
+    state.admit_read(&who.caller.user_id).await?;
     let not_found = || {
         ApiError::new(
             StatusCode::NOT_FOUND,

@@ -4,7 +4,7 @@
 //! checks the worker and readiness make, and the bootstrap of a fresh chain.
 
 use alloy::network::EthereumWallet;
-use alloy::primitives::{b256, hex, keccak256, Address, B256};
+use alloy::primitives::{hex, keccak256, Address, B256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::sol_types::{SolCall, SolValue};
 
@@ -73,8 +73,7 @@ impl TokenFactory {
 pub const DEPLOY_TOKEN_GAS: u64 = 260_000;
 
 /// The namespace a `contracts deploy` without `--namespace` gives its manager.
-pub const NO_NAMESPACE: B256 =
-    b256!("0000000000000000000000000000000000000000000000000000000000000000");
+pub const NO_NAMESPACE: B256 = B256::ZERO;
 
 impl Chain {
     /// How many messages to have in flight: two blocks' worth of deployments (a message is in

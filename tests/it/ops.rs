@@ -561,31 +561,26 @@ async fn a_full_outbound_queue_holds_the_worker_back_until_it_drains() {
     );
     d.until("/health/ready", "the worker ready", |code, _| code == 200)
         .await;
+    let push = |range: std::ops::Range<usize>| async {
+        for i in range {
+            stack
+                .push(&model_message(
+                    &format!("bp-{i}"),
+                    &format!("bp_{i}"),
+                    &format!("bp-{i}"),
+                ))
+                .await;
+        }
+    };
     // Nobody consumes: the first messages fill the outbound queue past 3.
-    for i in 0..4 {
-        stack
-            .push(&model_message(
-                &format!("bp-{i}"),
-                &format!("bp_{i}"),
-                &format!("bp-{i}"),
-            ))
-            .await;
-    }
+    push(0..4).await;
     let (_, v) = d
         .until("/health/detailed", "held back", |_, v| {
             v["worker"]["backpressure"] == true
         })
         .await;
     assert_eq!(v["worker"]["in_flight"], 0, "in-flight work finished: {v}");
-    for i in 4..8 {
-        stack
-            .push(&model_message(
-                &format!("bp-{i}"),
-                &format!("bp_{i}"),
-                &format!("bp-{i}"),
-            ))
-            .await;
-    }
+    push(4..8).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(stack.len(IN).await, 4, "nothing new taken while held back");
     let (_, metrics) = d.get("/metrics").await;
