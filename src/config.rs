@@ -245,7 +245,17 @@ pub struct ChainSettings {
     /// aliases, one per pool member. Instead of private keys; needs `--features aws-kms`.
     #[serde(default)]
     pub aws_kms_key_ids: Vec<String>,
-    pub confirmations: u64,
+    /// Blocks a transaction must be under before it counts; unset takes the network's
+    /// (`networks.<chain id>.confirmations`, else 1). See [`Settings::confirmations`].
+    #[serde(default)]
+    pub confirmations: Option<u64>,
+    /// How many blocks a published deployment stays under watch for a reorganisation that
+    /// removes it; unset takes the network's, else 64. 0 turns the watch off.
+    #[serde(default)]
+    pub reorg_watch_blocks: Option<u64>,
+    /// The circuit breaker on chain operations.
+    #[serde(default)]
+    pub breaker: BreakerSettings,
     pub rpc_timeout_ms: u64,
     pub receipt_timeout_secs: u64,
     pub poll_interval_ms: u64,
@@ -266,6 +276,24 @@ pub struct ChainSettings {
     pub replacement_bump_percent: u64,
     /// Under this balance (ether) readiness warns (`balance: low`); deployments go on.
     pub min_balance_eth: f64,
+}
+
+/// `chain.breaker`: after `failures` attempts in a row found no RPC URL answering, the worker
+/// takes no message and in-flight ones wait (their retries are not spent) until a probe after
+/// `cool_down_secs` succeeds. `failures = 0` turns it off.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct BreakerSettings {
+    pub failures: u32,
+    pub cool_down_secs: u64,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            failures: 3,
+            cool_down_secs: 15,
+        }
+    }
 }
 
 impl ChainSettings {
@@ -326,7 +354,18 @@ pub struct Network {
     pub name: String,
     #[serde(default)]
     pub explorer: String,
+    /// This network's default for `chain.confirmations`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmations: Option<u64>,
+    /// This network's default for `chain.reorg_watch_blocks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reorg_watch_blocks: Option<u64>,
 }
+
+/// Confirmations when neither `chain.confirmations` nor the network table says.
+pub const DEFAULT_CONFIRMATIONS: u64 = 1;
+/// Blocks a published deployment stays watched when neither setting nor network table says.
+pub const DEFAULT_REORG_WATCH_BLOCKS: u64 = 64;
 
 #[derive(Clone, Deserialize, Serialize)]
 pub struct Settings {
@@ -721,6 +760,22 @@ impl Settings {
         if self.chain.replace_after_secs == 0 {
             return Err(invalid("chain.replace_after_secs", "must be at least 1"));
         }
+        let b = &self.chain.breaker;
+        if b.failures > self.pipeline.max_retries + 1 {
+            return Err(invalid(
+                "chain.breaker.failures",
+                format!(
+                    "must be at most pipeline.max_retries + 1 ({}), or a message could spend all its retries before the breaker opens (0 turns the breaker off)",
+                    self.pipeline.max_retries + 1
+                ),
+            ));
+        }
+        if b.failures > 0 && b.cool_down_secs == 0 {
+            return Err(invalid(
+                "chain.breaker.cool_down_secs",
+                "must be at least 1",
+            ));
+        }
         if self.chain.poll_interval_ms == 0 {
             return Err(invalid("chain.poll_interval_ms", "must be at least 1"));
         }
@@ -832,7 +887,28 @@ impl Settings {
             .unwrap_or_else(|| Network {
                 name: format!("chain-{chain_id}"),
                 explorer: String::new(),
+                confirmations: None,
+                reorg_watch_blocks: None,
             })
+    }
+
+    /// Blocks a transaction must be under before it counts on this chain: `chain.confirmations`,
+    /// else the network table's, else 1. Never under 1.
+    pub fn confirmations(&self, chain_id: u64) -> u64 {
+        self.chain
+            .confirmations
+            .or(self.network(chain_id).confirmations)
+            .unwrap_or(DEFAULT_CONFIRMATIONS)
+            .max(1)
+    }
+
+    /// Blocks a published deployment stays under watch on this chain:
+    /// `chain.reorg_watch_blocks`, else the network table's, else 64.
+    pub fn reorg_watch_blocks(&self, chain_id: u64) -> u64 {
+        self.chain
+            .reorg_watch_blocks
+            .or(self.network(chain_id).reorg_watch_blocks)
+            .unwrap_or(DEFAULT_REORG_WATCH_BLOCKS)
     }
 }
 

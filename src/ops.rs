@@ -302,7 +302,18 @@ impl OpsState {
             info.insert("signer".into(), s.into());
         }
         info.insert("backpressure".into(), w.backpressure().into());
-        Some(if phase == "running" {
+        info.insert("breaker".into(), w.breaker.state().label().into());
+        let unfunded = w.unfunded();
+        info.insert("funded".into(), unfunded.is_none().into());
+        Some(if let (Some(why), "running") = (unfunded, phase) {
+            // Running, taking nothing until the key is funded: not ready, with the reason.
+            Component {
+                status: "down",
+                latency_ms: None,
+                error: Some(why),
+                info,
+            }
+        } else if phase == "running" {
             Component {
                 status: "up",
                 latency_ms: None,
@@ -327,6 +338,21 @@ impl OpsState {
             self.mlflow_probe(),
             self.balance_component()
         );
+        let chain = match &self.worker {
+            // The worker's breaker knows better than one probe: it counted failed attempts.
+            Some(w) if w.breaker.is_open() => Component {
+                status: "open",
+                latency_ms: None,
+                error: Some(format!(
+                    "circuit breaker {} after {} attempts in a row found no RPC URL answering; a probe every {} s (chain.breaker.cool_down_secs) closes it",
+                    w.breaker.state().label(),
+                    w.breaker.failures(),
+                    w.breaker.cool_down().as_secs()
+                )),
+                info: Default::default(),
+            },
+            _ => chain,
+        };
         let mut components = vec![("redis", redis), ("chain", chain), ("registry", registry)];
         if let Some(m) = mlflow {
             components.push(("mlflow", m));

@@ -56,6 +56,9 @@ pub mod names {
     pub const API_DURATION: &str = "hokusai_api_request_duration_seconds";
     pub const API_ERRORS: &str = "hokusai_api_errors_total";
     pub const BACKPRESSURE: &str = "hokusai_backpressure";
+    pub const BREAKER_STATE: &str = "hokusai_chain_breaker_state";
+    pub const UNFUNDED: &str = "hokusai_deployer_unfunded";
+    pub const REORGS: &str = "hokusai_reorgs_total";
 }
 
 static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
@@ -146,6 +149,18 @@ fn describe() {
     describe_gauge!(
         BACKPRESSURE,
         "1 while this worker takes no new message because the outbound queue is over queues.outbound_max_len."
+    );
+    describe_gauge!(
+        BREAKER_STATE,
+        "The circuit breaker on chain operations: 0 closed, 1 open (no RPC URL answers; no message taken), 2 half-open (probing)."
+    );
+    describe_gauge!(
+        UNFUNDED,
+        "1 while this worker takes no message because its signer cannot pay for one deployment at the current fees."
+    );
+    describe_counter!(
+        REORGS,
+        "Reorganisations that moved or removed a transaction of ours, by depth_bucket (blocks from the head to the transaction's block when noticed: 1, 2-3, 4-15, 16+)."
     );
     describe_gauge!(
         PAUSED,

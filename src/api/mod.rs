@@ -80,6 +80,8 @@ pub struct ApiState {
     estimates: RwLock<Estimates>,
     models: Mutex<HashMap<String, (Instant, Option<Model>)>>,
     network: crate::config::Network,
+    /// The chain's `chain.confirmations` (setting, else network table), for quotes.
+    confirmations: u64,
     prefix: String,
 }
 
@@ -121,6 +123,7 @@ impl ApiState {
             estimates: RwLock::new(Estimates::default()),
             models: Mutex::new(HashMap::new()),
             network: settings.network(chain_id),
+            confirmations: settings.confirmations(chain_id),
             prefix,
             settings: settings.clone(),
         });

@@ -95,7 +95,7 @@ pub(super) fn costs(state: &ApiState) -> Result<Costs, ApiError> {
         max_fee,
         expected_fee: expected_fee.min(max_fee),
         // The block that takes the transaction, then each confirmation.
-        confirmation_secs: (est.block_time_secs * (1 + state.settings.chain.confirmations) as f64)
+        confirmation_secs: (est.block_time_secs * (1 + state.confirmations) as f64)
             .ceil()
             .max(1.0) as u64,
     })

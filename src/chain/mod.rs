@@ -7,9 +7,11 @@
 //! - [`fees`]: what the network asks per gas, fees for new and replacement transactions.
 //! - [`transactions`]: [`Chain`], signing under the send lock, broadcast, waiting for
 //!   receipts, replacement of stuck transactions.
+//! - [`breaker`]: the circuit breaker that holds work back while no RPC URL answers.
 //! - [`contracts`]: the token manager's one-transaction deployment, CREATE2 address
 //!   prediction, role checks and the bootstrap of a fresh chain.
 
+pub mod breaker;
 pub mod contracts;
 pub mod fees;
 pub mod provider;
@@ -20,11 +22,12 @@ use alloy::primitives::{Address, TxHash};
 use alloy::sol;
 use alloy::transports::{RpcError, TransportErrorKind};
 
+pub use breaker::{Breaker, BreakerState};
 pub use contracts::{bootstrap, Bootstrap};
 pub use fees::{Fees, Market};
 pub use provider::provider;
 pub use signer::{signer, Wallet};
-pub use transactions::{Call, Chain, Mined, SendError, Stuck, Waited};
+pub use transactions::{Call, Chain, Funding, Mined, SendError, Stuck, Waited};
 
 sol!(
     #[sol(rpc)]
@@ -111,6 +114,24 @@ impl ChainError {
 }
 
 impl ChainError {
+    /// No RPC URL answered: refused or reset connections, timeouts, HTTP 5xx or 429 (alloy's
+    /// fallback layer has tried every URL by then). What the circuit breaker counts; an answer,
+    /// even an error answer, means the chain is reachable.
+    pub fn is_unreachable(&self) -> bool {
+        let e = match self {
+            ChainError::Rpc(e) => e,
+            ChainError::Call(alloy::contract::Error::TransportError(e)) => e,
+            _ => return false,
+        };
+        match e {
+            RpcError::Transport(TransportErrorKind::HttpError(h)) => {
+                h.status >= 500 || h.status == 429
+            }
+            RpcError::Transport(_) => true,
+            _ => false,
+        }
+    }
+
     /// The token that already holds a model, when the manager or the registry refused a
     /// deployment for it.
     pub fn registered_elsewhere(&self) -> Option<Address> {

@@ -141,7 +141,7 @@ impl Chain {
             chain_id,
             registry,
             manager,
-            confirmations: settings.chain.confirmations.max(1),
+            confirmations: settings.confirmations(chain_id),
             poll_interval: Duration::from_millis(settings.chain.poll_interval_ms),
             receipt_timeout: Duration::from_secs(settings.chain.receipt_timeout_secs),
             gas_margin_percent: settings.chain.gas_limit_margin_percent,
@@ -451,9 +451,53 @@ impl Chain {
         Ok(m)
     }
 
+    /// Whether the signer can pay for one deployment at the current fees: `deployToken`'s gas
+    /// limit times the max fee per gas a new transaction would offer.
+    pub async fn funding(&self) -> Result<Funding, ChainError> {
+        let per_gas = match self.fees().await? {
+            Fees::Eip1559 { max_fee, .. } => max_fee,
+            Fees::Legacy { gas_price } => gas_price,
+        };
+        let gas = with_margin(super::contracts::DEPLOY_TOKEN_GAS, self.gas_margin_percent);
+        let balance = self.provider.get_balance(self.signer).await?;
+        Ok(Funding {
+            signer: self.signer,
+            balance_wei: u128::try_from(balance).unwrap_or(u128::MAX),
+            needed_wei: u128::from(gas) * per_gas,
+        })
+    }
+
     /// Fees for a new transaction under `chain.max_fee_per_gas_gwei` ([`Market::fees`]).
     async fn fees(&self) -> Result<Fees, ChainError> {
         self.market().await?.fees(self.fee_cap)
+    }
+}
+
+/// The signer's balance against what one deployment may cost ([`Chain::funding`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Funding {
+    pub signer: Address,
+    pub balance_wei: u128,
+    pub needed_wei: u128,
+}
+
+impl Funding {
+    pub fn enough(&self) -> bool {
+        self.balance_wei >= self.needed_wei
+    }
+
+    /// Why the worker takes no message, for readiness and the log.
+    pub fn shortfall(&self) -> Option<String> {
+        let eth =
+            |w: u128| alloy::primitives::utils::format_ether(alloy::primitives::U256::from(w));
+        (!self.enough()).then(|| {
+            format!(
+                "the deployer {} holds {} ETH; one deployment may cost {} ETH at the current fees: fund it (messages wait in the queue)",
+                self.signer,
+                eth(self.balance_wei),
+                eth(self.needed_wei)
+            )
+        })
     }
 }
 

@@ -99,6 +99,7 @@ impl Deployer {
                     result,
                     Err(AttemptError::Chain(ChainError::FeeAboveCap { .. }))
                 ));
+                self.breaker_count(&result).await;
                 match result {
                     Ok(Done { event, token, created }) => {
                         let outcome = self.publish(raw, &event, shutdown).await;
@@ -119,6 +120,15 @@ impl Deployer {
                                 .await;
                         }
                         return outcome;
+                    }
+                    Err(e) if e.is_unreachable() && self.status.breaker.is_open() => {
+                        // The chain is out of reach for everyone: wait for the breaker to close
+                        // and try again without spending one of this message's retries.
+                        warn!(error = %e, attempt, "no RPC URL answers: waiting for the chain breaker to close; this attempt does not count");
+                        attempt -= 1;
+                        if !self.breaker_closed(shutdown).await {
+                            return Outcome::Abandoned;
+                        }
                     }
                     Err(e) if self.should_retry(&e, attempt, started) => {
                         let delay = delays.next().unwrap_or(Duration::from_secs(1));

@@ -12,9 +12,12 @@
 //!   backoff, publishing.
 //! - [`attempt`]: one attempt at a valid message under the model's lock: the journal, the one
 //!   `deployToken` transaction, its receipt, the event.
+//! - [`guards`]: the circuit breaker on chain operations and the signer's funds, which hold
+//!   the worker back while the chain cannot be used.
 //! - [`status`]: what the ops server shows of a running worker.
 
 mod attempt;
+mod guards;
 mod handle;
 mod status;
 mod worker;
@@ -72,6 +75,11 @@ impl AttemptError {
             AttemptError::ModelBusy(_) => true,
             AttemptError::TokenExists { .. } | AttemptError::ForeignJournal { .. } => false,
         }
+    }
+
+    /// No RPC URL answered: what the circuit breaker counts.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, AttemptError::Chain(e) if e.is_unreachable())
     }
 
     /// The error code seen in the DLQ and failure events (seed 000 §8 names where they fit).

@@ -13,6 +13,10 @@ pub struct WorkerStatus {
     fee_waiting: std::sync::atomic::AtomicUsize,
     pub(super) worker_id: std::sync::OnceLock<String>,
     pub(super) signer: std::sync::OnceLock<String>,
+    /// The circuit breaker on chain operations (open: no RPC URL answers).
+    pub breaker: crate::chain::Breaker,
+    /// Why the worker takes no message for want of funds (`None`: it can pay).
+    unfunded: std::sync::Mutex<Option<String>>,
 }
 
 impl WorkerStatus {
@@ -41,6 +45,17 @@ impl WorkerStatus {
     /// Messages held back because fees are above the cap.
     pub fn waiting_for_fees(&self) -> usize {
         self.fee_waiting.load(Ordering::Relaxed)
+    }
+    /// The reason the signer cannot pay for a deployment, if it cannot.
+    pub fn unfunded(&self) -> Option<String> {
+        self.unfunded.lock().expect("never poisoned").clone()
+    }
+    /// Records the funding check; true when it changed.
+    pub(super) fn set_unfunded(&self, why: Option<String>) -> bool {
+        let mut u = self.unfunded.lock().expect("never poisoned");
+        let changed = u.is_some() != why.is_some();
+        *u = why;
+        changed
     }
     pub fn worker_id(&self) -> &str {
         self.worker_id.get().map(String::as_str).unwrap_or("")

@@ -161,6 +161,14 @@ pub async fn run(
         chain,
         status.clone(),
     ));
+    status.breaker.configure(
+        settings.chain.breaker.failures,
+        Duration::from_secs(settings.chain.breaker.cool_down_secs),
+    );
+    metrics::gauge!(names::BREAKER_STATE).set(0.0);
+    // Nothing is taken before the signer is known to pay for a deployment.
+    deployer.check_funds().await;
+    tasks.spawn(deployer.clone().guard(background.clone()));
 
     loop {
         match queues.recover_own().await {
@@ -263,7 +271,7 @@ pub async fn run(
                 )
                 .await;
         }
-        if paused || held {
+        if paused || held || deployer.chain_holds_back() {
             drop(permit);
             tokio::select! {
                 _ = tokio::time::sleep(PAUSE_POLL) => {}

@@ -4,6 +4,7 @@
 mod abi;
 mod api;
 mod api_auth;
+mod chain_faults;
 mod cli;
 mod contracts;
 mod crash;

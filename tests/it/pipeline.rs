@@ -383,8 +383,14 @@ async fn rpc_down_then_back_retries_and_deploys_once() {
 async fn retries_exhausted_go_to_the_dlq_with_the_attempt_count() {
     let stack = Stack::start().await;
     let switch = Switch::start(stack.anvil.port, true).await;
-    let settings =
-        stack.settings_with_rpc(&switch.url(), &[("HOKUSAI__PIPELINE__MAX_RETRIES", "2")]);
+    // With the chain's circuit breaker off (chain_faults.rs has it on): each attempt counts.
+    let settings = stack.settings_with_rpc(
+        &switch.url(),
+        &[
+            ("HOKUSAI__PIPELINE__MAX_RETRIES", "2"),
+            ("HOKUSAI__CHAIN__BREAKER__FAILURES", "0"),
+        ],
+    );
     let worker = crate::harness::Worker::start(settings, Default::default());
     stack
         .push(&envelope("warm", |p| {
