@@ -65,6 +65,9 @@ pub struct Entry {
     /// milliseconds): the status API's `updated_at`.
     pub deploy_at: Option<String>,
     pub event_at: Option<String>,
+    /// The block (number and hash) the event names, canonical when it was recorded: what
+    /// the reorg watch compares with the chain.
+    pub event_block: Option<(u64, B256)>,
 }
 
 impl Entry {
@@ -91,6 +94,8 @@ pub struct Journal {
     prefix: String,
     /// [`crate::queue::symbols_key`].
     symbols: String,
+    /// `<state_prefix>:reorg_watch`, one sorted set per signer below it.
+    watch: String,
     /// Off only in the test that proves the journal is what prevents double deployments.
     enabled: bool,
 }
@@ -101,6 +106,7 @@ impl Journal {
             client,
             prefix: format!("{state_prefix}:journal"),
             symbols: crate::queue::symbols_key(state_prefix),
+            watch: format!("{state_prefix}:reorg_watch"),
             enabled,
         }
     }
@@ -161,6 +167,13 @@ impl Journal {
             event: h.get("event").cloned(),
             deploy_at: h.get("deploy_at").cloned(),
             event_at: h.get("event_at").cloned(),
+            event_block: match (h.get("event_block"), h.get("event_block_hash")) {
+                (Some(n), Some(b)) => Some((
+                    n.parse().map_err(|_| corrupt("event_block"))?,
+                    b.parse().map_err(|_| corrupt("event_block_hash"))?,
+                )),
+                _ => None,
+            },
         })
     }
 
@@ -242,17 +255,87 @@ impl Journal {
         Ok(())
     }
 
-    /// Stores the event before it is published, so every re-publication is identical.
-    pub async fn record_event(&self, model_id: &str, event: &str) -> Result<(), JournalError> {
+    /// Stores the event before it is published, so every re-publication is identical, and
+    /// puts the model under the reorg watch of the transaction's signer, in one transaction:
+    /// no event is ever recorded unwatched.
+    pub async fn record_event(
+        &self,
+        model_id: &str,
+        event: &str,
+        signer: Address,
+        block: u64,
+        block_hash: B256,
+    ) -> Result<(), JournalError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let tx = self.client.multi();
+        let _: () = tx
+            .hset(
+                self.key(model_id),
+                vec![
+                    ("event", event.to_owned()),
+                    ("event_at", now_ms()),
+                    ("event_block", block.to_string()),
+                    ("event_block_hash", block_hash.to_string()),
+                ],
+            )
+            .await?;
+        let _: () = tx
+            .zadd(
+                self.watch_key(signer),
+                None,
+                None,
+                false,
+                false,
+                (block as f64, model_id),
+            )
+            .await?;
+        let _: Vec<Value> = tx.exec(true).await?;
+        Ok(())
+    }
+
+    /// Forgets the event of a deployment a reorganisation removed from the chain: until it is
+    /// deployed again, status shows it in progress. It stays under watch, so a crash before the
+    /// new event is recorded leaves it to be found again.
+    pub async fn clear_event(&self, model_id: &str) -> Result<(), JournalError> {
         if !self.enabled {
             return Ok(());
         }
         let _: () = self
             .client
-            .hset(
+            .hdel(
                 self.key(model_id),
-                vec![("event", event.to_owned()), ("event_at", now_ms())],
+                vec!["event", "event_at", "event_block", "event_block_hash"],
             )
+            .await?;
+        Ok(())
+    }
+
+    /// The sorted set of the models under reorg watch whose transactions `signer` signed,
+    /// scored by the event's block.
+    fn watch_key(&self, signer: Address) -> String {
+        format!("{}:{signer}", self.watch)
+    }
+
+    /// The models under `signer`'s watch and their blocks, at or above `from`.
+    pub async fn watched(
+        &self,
+        signer: Address,
+        from: u64,
+    ) -> Result<Vec<(String, u64)>, JournalError> {
+        let v: Vec<(String, f64)> = self
+            .client
+            .zrangebyscore(self.watch_key(signer), from as f64, "+inf", true, None)
+            .await?;
+        Ok(v.into_iter().map(|(m, b)| (m, b as u64)).collect())
+    }
+
+    /// Ends the watch of every model whose block is under `below`.
+    pub async fn unwatch_below(&self, signer: Address, below: u64) -> Result<(), JournalError> {
+        let _: u64 = self
+            .client
+            .zremrangebyscore(self.watch_key(signer), "-inf", format!("({below}"))
             .await?;
         Ok(())
     }

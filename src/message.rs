@@ -546,6 +546,10 @@ pub struct TokenDeployed {
     /// The registration's effective gas price (wei); absent in events written before it existed.
     #[serde(default)]
     pub registry_gas_price: String,
+    /// Present (`true`) only on an event re-published after a reorganisation removed the
+    /// transaction an earlier event named: this one names the block it is in now.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reorged: bool,
 }
 
 /// A message that could not be deployed, as stored in the DLQ.

@@ -359,6 +359,13 @@ impl Queues {
         Ok(())
     }
 
+    /// Publishes an event that no message waits on (a deployment made again after a
+    /// reorganisation).
+    pub async fn publish(&self, event: &str) -> Result<(), QueueError> {
+        let _: () = timed("publish", self.redis.commands.lpush(&self.outbound, event)).await?;
+        Ok(())
+    }
+
     /// Dead-letters a message in one `MULTI`: the DLQ entry, the failure event, the message's
     /// outcome (read by the API's status endpoint, kept [`OUTCOME_TTL_SECS`]) and the removal
     /// from our processing list.

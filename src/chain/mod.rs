@@ -27,7 +27,9 @@ pub use contracts::{bootstrap, Bootstrap};
 pub use fees::{Fees, Market};
 pub use provider::provider;
 pub use signer::{signer, Wallet};
-pub use transactions::{Call, Chain, Funding, Mined, SendError, Stuck, Waited};
+pub use transactions::{
+    count_reorg, depth_bucket, Call, Chain, Funding, Header, Mined, SendError, Stuck, Waited,
+};
 
 sol!(
     #[sol(rpc)]

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use alloy::consensus::TxEnvelope;
 use alloy::eips::eip2718::{Decodable2718, Encodable2718};
-use alloy::eips::BlockId;
+use alloy::eips::{BlockId, BlockNumberOrTag};
 use alloy::network::{NetworkTransactionBuilder, TransactionBuilder};
-use alloy::primitives::{Address, Bytes, TxHash};
+use alloy::primitives::{Address, Bytes, TxHash, B256};
 use alloy::providers::{DynProvider, Provider};
 use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use alloy::transports::RpcError;
@@ -42,6 +42,9 @@ struct Nonces {
 pub struct Mined {
     pub hash: TxHash,
     pub block_number: u64,
+    /// The block's hash, canonical when the confirmations were counted: the reorg watch
+    /// compares it with the chain later.
+    pub block_hash: B256,
     pub gas_used: u64,
     pub effective_gas_price: u128,
 }
@@ -65,7 +68,10 @@ pub struct Chain {
     /// awaited outside it, so many transactions are in flight at once.
     send_lock: Mutex<Nonces>,
     /// The last head read and when (see [`Chain::head`]).
-    head: Mutex<Option<(Instant, u64)>>,
+    head: Mutex<Option<(Instant, (u64, B256))>>,
+    /// Block hashes by height read since the instant, for one poll interval
+    /// ([`Chain::canonical_hash`]).
+    hashes: Mutex<(Instant, std::collections::HashMap<u64, B256>)>,
     /// `chain.max_fee_per_gas_gwei` in wei.
     fee_cap: Option<u128>,
     /// `chain.priority_fee_gwei` in wei; unset asks `eth_feeHistory`.
@@ -147,6 +153,7 @@ impl Chain {
             gas_margin_percent: settings.chain.gas_limit_margin_percent,
             send_lock: Mutex::new(Nonces::default()),
             head: Mutex::new(None),
+            hashes: Mutex::new((Instant::now(), Default::default())),
             fee_cap: settings.chain.fee_cap_wei(),
             priority_fee: settings.chain.priority_fee_wei(),
             market: Mutex::new(None),
@@ -304,14 +311,19 @@ impl Chain {
 
     /// The latest block number, read at most once per poll interval however many
     /// transactions are being awaited: waiters share one reading.
-    async fn head(&self) -> Result<u64, ChainError> {
+    /// Its hash tells a block replaced at the same height (a one-block reorganisation).
+    async fn head(&self) -> Result<(u64, B256), ChainError> {
         let mut h = self.head.lock().await;
         if let Some((at, n)) = *h {
             if at.elapsed() < self.poll_interval {
                 return Ok(n);
             }
         }
-        let n = self.provider.get_block_number().await?;
+        let latest = self
+            .header(BlockNumberOrTag::Latest)
+            .await?
+            .ok_or(ChainError::Rpc(RpcError::NullResp))?;
+        let n = (latest.number, latest.hash);
         *h = Some((Instant::now(), n));
         Ok(n)
     }
@@ -330,21 +342,42 @@ impl Chain {
     ) -> Result<Waited, ChainError> {
         // (head, lookups at it): a receipt is looked up when a block appears and once more a
         // poll later, for nodes that announce a block before its receipts can be read.
-        let mut checked: Option<(u64, u8)> = None;
+        let mut checked: Option<((u64, B256), u8)> = None;
         let mut heads = 0u32;
         let mut pool_checked = Instant::now();
+        // The block (number, hash) the transaction was last seen in.
+        let mut seen: Option<(u64, B256)> = None;
+        let mut pool_due = false;
+        let mut pool_head: Option<(u64, B256)> = None;
         loop {
-            let head = self.head().await?;
+            let head_block = self.head().await?;
+            let head = head_block.0;
             let lookups = match checked {
-                Some((h, n)) if h == head => n,
+                Some((h, n)) if h == head_block => n,
                 _ => 0,
             };
             if lookups < 2 {
                 if lookups == 0 {
                     heads += 1;
                 }
-                checked = Some((head, lookups + 1));
-                if let Some(r) = self.landed(rec).await? {
+                checked = Some((head_block, lookups + 1));
+                let receipt = self.landed(rec).await?;
+                let now_in = receipt.as_ref().map(|r| {
+                    (
+                        r.block_number.unwrap_or_default(),
+                        r.block_hash.unwrap_or_default(),
+                    )
+                });
+                if let Some((block, block_hash)) = seen.filter(|s| Some(*s) != now_in) {
+                    // The block that held it was replaced: it is back in a pool, in another
+                    // block, or gone (then re-broadcast below once the node no longer has it).
+                    tracing::warn!(hash = %rec.hash, block, %block_hash, now = ?now_in, "reorganisation: the block holding the transaction was replaced; waiting for it again");
+                    count_reorg(head.saturating_sub(block) + 1);
+                    // Ask the node at once whether it still holds it.
+                    pool_due = true;
+                }
+                seen = now_in;
+                if let Some(r) = receipt {
                     let block = r.block_number.unwrap_or_default();
                     if !r.status() {
                         return Err(ChainError::Reverted {
@@ -352,36 +385,51 @@ impl Chain {
                             block,
                         });
                     }
+                    let block_hash = r.block_hash.unwrap_or_default();
                     if head + 1 >= block + self.confirmations {
-                        return Ok(Waited::Mined(Mined {
-                            hash: r.transaction_hash,
-                            block_number: block,
-                            gas_used: r.gas_used,
-                            effective_gas_price: r.effective_gas_price,
-                        }));
+                        // Counted only while its block is the chain's at that height.
+                        if self.canonical_hash(block).await? == Some(block_hash) {
+                            return Ok(Waited::Mined(Mined {
+                                hash: r.transaction_hash,
+                                block_number: block,
+                                block_hash,
+                                gas_used: r.gas_used,
+                                effective_gas_price: r.effective_gas_price,
+                            }));
+                        }
+                        tracing::warn!(hash = %rec.hash, block, "the receipt's block is no longer the chain's at its height; waiting");
                     }
                 } else if Instant::now() >= replace_at {
                     return Ok(Waited::Replace(Stuck::Slow));
-                } else if heads > 1 && pool_checked.elapsed() >= POOL_CHECK_EVERY {
-                    pool_checked = Instant::now();
-                    if !self.known(rec).await? {
-                        tracing::warn!(hash = %rec.hash, nonce = rec.nonce, "transaction missing from the node's pool; re-broadcasting it");
-                        match self.broadcast(rec).await {
-                            Ok(()) => {}
-                            Err(e @ ChainError::NonceUsed { .. }) => {
-                                // Taken by a transaction that is none of ours (checked above):
-                                // this one can never land; the next attempt rebuilds it.
-                                if self.landed(rec).await?.is_none() {
-                                    return Err(e);
-                                }
+                }
+            }
+            // Unmined at this head: once per head, at most once per POOL_CHECK_EVERY (at once
+            // after a reorganisation took it out), ask the node whether it still holds it.
+            if seen.is_none()
+                && heads > 1
+                && pool_head != Some(head_block)
+                && (pool_due || pool_checked.elapsed() >= POOL_CHECK_EVERY)
+            {
+                pool_head = Some(head_block);
+                pool_checked = Instant::now();
+                pool_due = false;
+                if !self.known(rec).await? {
+                    tracing::warn!(hash = %rec.hash, nonce = rec.nonce, "transaction missing from the node's pool; re-broadcasting it");
+                    match self.broadcast(rec).await {
+                        Ok(()) => {}
+                        Err(e @ ChainError::NonceUsed { .. }) => {
+                            // Taken by a transaction that is none of ours (checked above):
+                            // this one can never land; the next attempt rebuilds it.
+                            if self.landed(rec).await?.is_none() {
+                                return Err(e);
                             }
-                            Err(ChainError::Refused(reason)) => {
-                                tracing::warn!(hash = %rec.hash, %reason, "the node refused the re-broadcast; replacing the transaction");
-                                return Ok(Waited::Replace(Stuck::Dropped));
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, hash = %rec.hash, "re-broadcast failed")
-                            }
+                        }
+                        Err(ChainError::Refused(reason)) => {
+                            tracing::warn!(hash = %rec.hash, %reason, "the node refused the re-broadcast; replacing the transaction");
+                            return Ok(Waited::Replace(Stuck::Dropped));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, hash = %rec.hash, "re-broadcast failed")
                         }
                     }
                 }
@@ -391,6 +439,38 @@ impl Chain {
             }
             tokio::time::sleep(self.poll_interval).await;
         }
+    }
+
+    /// The hash of the chain's block at this height now, if there is one.
+    /// Waiters confirming in the same block share one reading per poll interval.
+    pub async fn canonical_hash(&self, number: u64) -> Result<Option<B256>, ChainError> {
+        {
+            let mut c = self.hashes.lock().await;
+            if c.0.elapsed() >= self.poll_interval {
+                *c = (Instant::now(), std::collections::HashMap::new());
+            }
+            if let Some(h) = c.1.get(&number) {
+                return Ok(Some(*h));
+            }
+        }
+        let h = self
+            .header(BlockNumberOrTag::Number(number))
+            .await?
+            .map(|h| h.hash);
+        if let Some(h) = h {
+            self.hashes.lock().await.1.insert(number, h);
+        }
+        Ok(h)
+    }
+
+    /// A block's number, hash and parent hash.
+    pub async fn header(&self, at: BlockNumberOrTag) -> Result<Option<Header>, ChainError> {
+        let b = self.provider.get_block_by_number(at).await?;
+        Ok(b.map(|b| Header {
+            number: b.header.number,
+            hash: b.header.hash,
+            parent: b.header.parent_hash,
+        }))
     }
 
     /// When an attempt's wait for receipts gives up.
@@ -438,7 +518,7 @@ impl Chain {
 
     /// The network's fees ([`Market::read`]), read at most once per head whoever asks.
     async fn market(&self) -> Result<Market, ChainError> {
-        let head = self.head().await?;
+        let (head, _) = self.head().await?;
         let mut cached = self.market.lock().await;
         if let Some((at, m)) = *cached {
             if at == head {
@@ -471,6 +551,31 @@ impl Chain {
     async fn fees(&self) -> Result<Fees, ChainError> {
         self.market().await?.fees(self.fee_cap)
     }
+}
+
+/// What the reorg watch needs of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub number: u64,
+    pub hash: B256,
+    pub parent: B256,
+}
+
+/// The `depth_bucket` of `hokusai_reorgs_total`: how many blocks deep the transaction was
+/// (its block to the head, both counted) when the reorganisation was noticed.
+pub fn depth_bucket(depth: u64) -> &'static str {
+    match depth {
+        0 | 1 => "1",
+        2..=3 => "2-3",
+        4..=15 => "4-15",
+        _ => "16+",
+    }
+}
+
+/// Counts a reorganisation that moved or removed one of our transactions.
+pub fn count_reorg(depth: u64) {
+    metrics::counter!(crate::telemetry::names::REORGS, "depth_bucket" => depth_bucket(depth))
+        .increment(1);
 }
 
 /// The signer's balance against what one deployment may cost ([`Chain::funding`]).

@@ -18,12 +18,24 @@ use crate::telemetry::names;
 impl Deployer {
     /// One attempt: under the model's lock, resume from the journal and return the event.
     /// Returns the event and whether this attempt created the token (false: re-published).
+    /// `reorged`: the deployment is made again because a reorganisation removed it; the event
+    /// says so.
     pub(super) async fn attempt(
         &self,
         msg: &Inbound,
         first_attempt_at: &str,
+        reorged: bool,
     ) -> Result<Done, AttemptError> {
         let model_id = &msg.model.model_id;
+        let owner = self.lock(model_id).await?;
+        let result = self.attempt_locked(msg, first_attempt_at, reorged).await;
+        self.unlock(model_id, &owner).await;
+        result
+    }
+
+    /// Takes the model's lock (one worker at a time works on a model); returns the owner tag
+    /// to release it with.
+    pub(super) async fn lock(&self, model_id: &str) -> Result<String, AttemptError> {
         let owner = format!(
             "{}|{}|{}",
             self.queues.worker_id,
@@ -35,20 +47,23 @@ impl Deployer {
             .lock_model(model_id, &owner, self.settings.pipeline.model_lock_ttl_secs)
             .await?
         {
-            return Err(AttemptError::ModelBusy(model_id.clone()));
+            return Err(AttemptError::ModelBusy(model_id.to_owned()));
         }
-        let result = self.attempt_locked(msg, first_attempt_at).await;
-        if let Err(e) = self.queues.unlock_model(model_id, &owner).await {
+        Ok(owner)
+    }
+
+    pub(super) async fn unlock(&self, model_id: &str, owner: &str) {
+        if let Err(e) = self.queues.unlock_model(model_id, owner).await {
             // The lock expires by itself; a dead owner's lock is taken over at once anyway.
             warn!(error = %e, "could not release model lock");
         }
-        result
     }
 
     async fn attempt_locked(
         &self,
         msg: &Inbound,
         first_attempt_at: &str,
+        reorged: bool,
     ) -> Result<Done, AttemptError> {
         let model_id = &msg.model.model_id;
         let mut entry = self.journal.load(model_id).await?;
@@ -59,6 +74,7 @@ impl Deployer {
                     event: event.clone(),
                     token: entry.token_address.unwrap_or_default(),
                     created: false,
+                    block: entry.event_block,
                 });
             }
             let token = entry.token_address.unwrap_or_default();
@@ -107,13 +123,23 @@ impl Deployer {
             }
             Err(e) => return Err(e),
         };
-        let event = self.event(&entry, &model, token, &mined);
+        let mut event = self.event(&entry, &model, token, &mined);
+        event.reorged = reorged;
         let event = serde_json::to_string(&event).expect("TokenDeployed always serializes");
-        self.journal.record_event(model_id, &event).await?;
+        self.journal
+            .record_event(
+                model_id,
+                &event,
+                rec.signer,
+                mined.block_number,
+                mined.block_hash,
+            )
+            .await?;
         Ok(Done {
             event,
             token,
             created: true,
+            block: Some((mined.block_number, mined.block_hash)),
         })
     }
 
@@ -329,6 +355,7 @@ impl Deployer {
             registry_block_number: mined.block_number,
             registry_gas_used: mined.gas_used.to_string(),
             registry_gas_price: mined.effective_gas_price.to_string(),
+            reorged: false,
         }
     }
 }

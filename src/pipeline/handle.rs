@@ -34,6 +34,8 @@ impl Deployer {
         };
         let audit = Audit::new(queues.client().clone(), &settings, queues.worker_id.clone());
         Deployer {
+            reorg_window: settings.reorg_watch_blocks(chain.chain_id),
+            watched: Default::default(),
             audit,
             settings,
             queues,
@@ -45,7 +47,7 @@ impl Deployer {
         }
     }
 
-    fn backoff(&self) -> impl Iterator<Item = Duration> {
+    pub(super) fn backoff(&self) -> impl Iterator<Item = Duration> {
         ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(
                 self.settings.pipeline.backoff_initial_ms,
@@ -92,7 +94,7 @@ impl Deployer {
                     .record("attempt", self.fields(&msg.message_id, &msg.model.model_id, [("attempt", attempt.to_string())]))
                     .await;
                 let result = self
-                    .attempt(&msg, &first_attempt_at)
+                    .attempt(&msg, &first_attempt_at, false)
                     .instrument(attempt_span)
                     .await;
                 fee_wait.set(matches!(
@@ -101,9 +103,12 @@ impl Deployer {
                 ));
                 self.breaker_count(&result).await;
                 match result {
-                    Ok(Done { event, token, created }) => {
+                    Ok(Done { event, token, created, block }) => {
                         let outcome = self.publish(raw, &event, shutdown).await;
                         if outcome == Outcome::Deployed {
+                            if let Some((number, hash)) = block {
+                                self.watch_published(&msg.model.model_id, number, hash);
+                            }
                             let elapsed = started.elapsed();
                             info!(elapsed_ms = elapsed.as_millis() as u64, created, "token deployed and event published");
                             let how = if created { "created" } else { "republished" };

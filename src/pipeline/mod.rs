@@ -14,11 +14,14 @@
 //!   `deployToken` transaction, its receipt, the event.
 //! - [`guards`]: the circuit breaker on chain operations and the signer's funds, which hold
 //!   the worker back while the chain cannot be used.
+//! - [`reorg`]: the watch over published deployments: one that a reorganisation removes is
+//!   made again and published with `"reorged": true`.
 //! - [`status`]: what the ops server shows of a running worker.
 
 mod attempt;
 mod guards;
 mod handle;
+mod reorg;
 mod status;
 mod worker;
 
@@ -124,6 +127,10 @@ pub struct Deployer {
     lock_seq: AtomicU64,
     audit: Audit,
     status: Arc<WorkerStatus>,
+    /// `chain.reorg_watch_blocks` for this chain (0: no watch).
+    reorg_window: u64,
+    /// Published deployments under this worker's reorg watch.
+    watched: std::sync::Mutex<reorg::Watched>,
 }
 
 /// A finished attempt: the event to publish, the model's token, and whether this attempt
@@ -132,6 +139,8 @@ struct Done {
     event: String,
     token: Address,
     created: bool,
+    /// The block (number, hash) the event names: watched for a reorganisation.
+    block: Option<(u64, alloy::primitives::B256)>,
 }
 
 /// Where a message ended.

@@ -169,6 +169,7 @@ pub async fn run(
     // Nothing is taken before the signer is known to pay for a deployment.
     deployer.check_funds().await;
     tasks.spawn(deployer.clone().guard(background.clone()));
+    tasks.spawn(deployer.clone().reorg_watch(background.clone()));
 
     loop {
         match queues.recover_own().await {

@@ -10,7 +10,7 @@ use alloy::providers::Provider;
 use fred::prelude::*;
 use serde_json::Value;
 
-use crate::harness::{model_message, Daemon, Stack, StackOpts, Switch, OTHER_KEY};
+use crate::harness::{model_message, Daemon, Stack, Switch, OTHER_KEY};
 
 const IN: &str = "hokusai:model_ready_queue";
 const OUT: &str = "hokusai:token_deployed_queue";
@@ -189,5 +189,199 @@ async fn an_unfunded_key_keeps_the_worker_unready_and_spends_nothing() {
     assert!(d.sigterm(Duration::from_secs(30)).await.success());
 }
 
-#[allow(dead_code)]
-fn _uses(_: StackOpts, _: Value) {}
+/// anvil under the test's hand: it mines only when told (after the bootstrap).
+struct Miner(alloy::providers::DynProvider);
+
+impl Miner {
+    async fn manual(stack: &Stack) -> Miner {
+        let p = stack.provider();
+        let _: () = p
+            .raw_request("evm_setAutomine".into(), (false,))
+            .await
+            .expect("evm_setAutomine");
+        Miner(p)
+    }
+
+    async fn mine(&self) -> u64 {
+        let _: String = self
+            .0
+            .raw_request("evm_mine".into(), ())
+            .await
+            .expect("evm_mine");
+        self.0.get_block_number().await.unwrap()
+    }
+
+    /// Replaces the last `depth` blocks with as many empty ones.
+    async fn reorg(&self, depth: u64) {
+        let none: Vec<Value> = Vec::new();
+        let _: Value = self
+            .0
+            .raw_request("anvil_reorg".into(), (depth, none))
+            .await
+            .expect("anvil_reorg");
+    }
+
+    async fn block_of(&self, tx: alloy::primitives::B256) -> Option<u64> {
+        self.0
+            .get_transaction_receipt(tx)
+            .await
+            .unwrap()
+            .and_then(|r| r.block_number)
+    }
+
+    /// Waits until the node holds this transaction unmined (sent, or sent again).
+    async fn until_pending(&self, tx: alloy::primitives::B256) {
+        for _ in 0..600 {
+            if let Some(t) = self.0.get_transaction_by_hash(tx).await.unwrap() {
+                if t.block_number.is_none() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("transaction {tx} never came (back) to the pool");
+    }
+}
+
+/// The model's journaled transaction hash, once it is sent.
+async fn sent_tx(stack: &Stack, model_id: &str) -> alloy::primitives::B256 {
+    let key = format!("hokusai:deployer:journal:{model_id}");
+    for _ in 0..600 {
+        let h: Option<String> = stack.client.hget(&key, "deploy_hash").await.unwrap();
+        if let Some(h) = h {
+            return h.parse().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{model_id} never sent");
+}
+
+/// Exactly one token for the model on the canonical chain, at the event's address and in the
+/// event's block: the registry names it, code is there, one `TokenDeployed` log.
+async fn one_token_as_the_event_says(stack: &Stack, miner: &Miner, event: &Value) {
+    let token: Address = event["token_address"].as_str().unwrap().parse().unwrap();
+    let tx: alloy::primitives::B256 = event["transaction_hash"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        miner.block_of(tx).await,
+        event["block_number"].as_u64(),
+        "the event names the block its transaction is in: {event}"
+    );
+    assert!(
+        !miner.0.get_code_at(token).await.unwrap().is_empty(),
+        "the token exists"
+    );
+    let registry = hokusai_deployer::chain::ModelRegistry::new(stack.boot.model_registry, &miner.0);
+    let model_id = event["model_id"].as_str().unwrap().to_owned();
+    assert_eq!(registry.getToken(model_id).call().await.unwrap(), token);
+    assert_eq!(
+        stack.creations().await,
+        1,
+        "one token on the canonical chain"
+    );
+}
+
+fn reorgs_counted(metrics: &str, bucket: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "hokusai_reorgs_total{{depth_bucket=\"{bucket}\"}}"
+            ))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A depth-1 reorganisation while the worker waits for 2 confirmations: the block holding the
+/// transaction is replaced by one without it. The worker notices, re-broadcasts the exact bytes,
+/// and publishes one event, naming the block the transaction finally landed in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reorg_while_waiting_for_confirmations_publishes_the_final_block() {
+    let stack = Stack::start().await;
+    let miner = Miner::manual(&stack).await;
+    let mut d = stack.daemon("reorg-wait", &[("HOKUSAI__CHAIN__CONFIRMATIONS", "2")], &[]);
+    ready(&d).await;
+    push_models(&stack, "rw", 1).await;
+    let tx = sent_tx(&stack, "rw_0").await;
+    miner.until_pending(tx).await;
+    let first = miner.mine().await;
+    assert_eq!(miner.block_of(tx).await, Some(first));
+    // The worker sees it mined (it polls every 50 ms here), one confirmation short.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(stack.len(OUT).await, 0, "not published on one confirmation");
+    miner.reorg(1).await;
+    assert_eq!(miner.block_of(tx).await, None, "the reorg took it out");
+    // The worker sends the same bytes again; the next block takes them, the one after confirms.
+    miner.until_pending(tx).await;
+    let landed = miner.mine().await;
+    miner.mine().await;
+    let event = stack.next_json(OUT).await;
+    assert_eq!(event["block_number"], landed, "{event}");
+    assert!(
+        event.get("reorged").is_none(),
+        "published once, after the reorg: {event}"
+    );
+    one_token_as_the_event_says(&stack, &miner, &event).await;
+    let (_, metrics) = d.get("/metrics").await;
+    assert_eq!(reorgs_counted(&metrics, "1"), 1.0, "{metrics}");
+    assert_eq!(stack.len(OUT).await, 0, "one event");
+    assert!(d.sigterm(Duration::from_secs(30)).await.success());
+}
+
+/// A depth-3 reorganisation after the event was published (2 confirmations): the watch notices
+/// the deployment's block is gone, deploys it again through the same path (the same bytes, so
+/// the same token address), and publishes a second event with `"reorged": true` naming the new
+/// block; counted and audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reorg_after_publication_deploys_again_and_says_so() {
+    let stack = Stack::start().await;
+    let miner = Miner::manual(&stack).await;
+    let mut d = stack.daemon(
+        "reorg-after",
+        &[("HOKUSAI__CHAIN__CONFIRMATIONS", "2")],
+        &[],
+    );
+    ready(&d).await;
+    push_models(&stack, "ra", 1).await;
+    let tx = sent_tx(&stack, "ra_0").await;
+    miner.until_pending(tx).await;
+    let block = miner.mine().await;
+    miner.mine().await;
+    let first = stack.next_json(OUT).await;
+    assert_eq!(first["block_number"], block, "{first}");
+    miner.mine().await;
+    // The deployment's block and the two above it are replaced by empty blocks.
+    miner.reorg(3).await;
+    assert_eq!(miner.block_of(tx).await, None);
+    miner.until_pending(tx).await;
+    let landed = miner.mine().await;
+    miner.mine().await;
+    let second = stack.next_json(OUT).await;
+    assert_eq!(second["reorged"], true, "{second}");
+    assert_eq!(second["block_number"], landed, "{second}");
+    assert_eq!(
+        second["token_address"], first["token_address"],
+        "the same address again"
+    );
+    one_token_as_the_event_says(&stack, &miner, &second).await;
+    let (_, metrics) = d.get("/metrics").await;
+    assert_eq!(reorgs_counted(&metrics, "2-3"), 1.0, "{metrics}");
+    let audit = audit_actions(&stack).await;
+    let reorg = audit
+        .iter()
+        .find(|f| f.get("action").map(String::as_str) == Some("reorg"))
+        .expect("the reorg is audited");
+    assert_eq!(reorg["model_id"], "ra_0");
+    assert_eq!(reorg["block_number"], block.to_string());
+    // The status the API reads is the new event.
+    let stored: Option<String> = stack
+        .client
+        .hget("hokusai:deployer:journal:ra_0", "event")
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&stored.unwrap()).unwrap(),
+        second
+    );
+    assert!(d.sigterm(Duration::from_secs(30)).await.success());
+}
