@@ -201,6 +201,14 @@ fn is_nonce_too_low(msg: &str) -> bool {
     m.contains("nonce too low") || m.contains("nonce is too low") || m.contains("invalid nonce")
 }
 
+/// The node holds another pending transaction of the signer at this nonce, priced at least
+/// as high: sent by someone else with our key (we replace only our own, raising by more than
+/// nodes require).
+fn is_nonce_taken(msg: &str) -> bool {
+    let m = msg.to_lowercase();
+    m.contains("replacement transaction underpriced") || m.contains("replacement underpriced")
+}
+
 /// A gas limit: the estimate plus `chain.gas_limit_margin_percent`.
 pub fn with_margin(estimate: u64, percent: u64) -> u64 {
     estimate + estimate * percent / 100

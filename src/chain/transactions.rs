@@ -16,7 +16,10 @@ use tokio::sync::Mutex;
 
 use super::fees::{replacement_fees, Fees, Market};
 use super::signer::{error_chain, Wallet};
-use super::{is_already_known, is_nonce_too_low, is_revert, provider, with_margin, ChainError};
+use super::{
+    is_already_known, is_nonce_taken, is_nonce_too_low, is_revert, provider, with_margin,
+    ChainError,
+};
 use crate::config::Settings;
 use crate::journal::TxRecord;
 
@@ -263,7 +266,9 @@ impl Chain {
         match self.provider.send_raw_transaction(&rec.raw).await {
             Ok(_) => Ok(()),
             Err(RpcError::ErrorResp(p)) if is_already_known(&p.message) => Ok(()),
-            Err(RpcError::ErrorResp(p)) if is_nonce_too_low(&p.message) => {
+            Err(RpcError::ErrorResp(p))
+                if is_nonce_too_low(&p.message) || is_nonce_taken(&p.message) =>
+            {
                 Err(ChainError::NonceUsed {
                     signer: rec.signer,
                     nonce: rec.nonce,

@@ -183,6 +183,14 @@ impl Deployer {
         if matches!(e, AttemptError::Chain(ChainError::FeeAboveCap { .. })) {
             return started.elapsed() < Duration::from_secs(self.settings.chain.fee_cap_wait_secs);
         }
+        // Someone else signed with our key at our nonce: their transaction lands or is dropped
+        // within a block or two, and then ours is rebuilt or goes through. Bounded by time, as
+        // a transaction's wait for its receipt is.
+        if matches!(e, AttemptError::Chain(ChainError::NonceUsed { .. }))
+            && started.elapsed() < Duration::from_secs(self.settings.chain.receipt_timeout_secs)
+        {
+            return true;
+        }
         e.is_retryable() && attempt <= self.settings.pipeline.max_retries
     }
 

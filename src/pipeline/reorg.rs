@@ -86,7 +86,7 @@ impl Deployer {
                 continue;
             }
             let floor = latest.number.saturating_sub(window);
-            for (model_id, block) in self.replaced(&tracked, latest.number, floor).await {
+            for (model_id, block) in self.replaced(&mut tracked, latest.number, floor).await {
                 let depth = latest.number.saturating_sub(block) + 1;
                 jobs.spawn(
                     self.clone()
@@ -167,7 +167,7 @@ impl Deployer {
 
     /// Takes out of the watch every deployment whose block hash is not the chain's at its
     /// height any more, and returns them with their blocks. Forgets those under `floor`.
-    async fn replaced(&self, tracked: &Tracked, head: u64, floor: u64) -> Vec<(String, u64)> {
+    async fn replaced(&self, tracked: &mut Tracked, head: u64, floor: u64) -> Vec<(String, u64)> {
         let mut unknown = Vec::new();
         let mut out = Vec::new();
         {
@@ -186,11 +186,13 @@ impl Deployer {
             }
             w.retain(|_, models| !models.is_empty());
         }
-        // Blocks older than what the watch has followed (loaded at start): one read each.
+        // Blocks older than what the watch has followed (loaded at start): one read each,
+        // then followed like the others.
         for block in unknown {
             let Ok(Some(h)) = self.chain.canonical_hash(block).await else {
                 continue;
             };
+            tracked.0.insert(block, h);
             let mut w = self.watched.lock().expect("never poisoned");
             if let Some(models) = w.get_mut(&block) {
                 let (gone, kept): (Vec<_>, Vec<_>) = models.drain(..).partition(|(_, mh)| *mh != h);

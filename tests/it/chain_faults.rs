@@ -385,3 +385,135 @@ async fn a_reorg_after_publication_deploys_again_and_says_so() {
     );
     assert!(d.sigterm(Duration::from_secs(30)).await.success());
 }
+
+/// `cast` with the worker's key, as an operator would run it.
+async fn cast_send(stack: &Stack, args: &[&str]) -> String {
+    let bin =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contracts/node_modules/.bin/cast");
+    let rpc = stack.anvil.url("http");
+    let out = tokio::process::Command::new(bin)
+        .args([
+            "send",
+            "--async",
+            "--rpc-url",
+            &rpc,
+            "--private-key",
+            hokusai_deployer::localstack::ANVIL_DEV_KEY,
+        ])
+        .args(args)
+        .output()
+        .await
+        .expect("cast runs (make tools)");
+    assert!(
+        out.status.success(),
+        "cast send: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Someone else signs with the worker's key mid-burst: one plain `cast send` (it takes the next
+/// free nonce, the one the worker was about to use) and one priced to replace a pending
+/// transaction of ours. Every model still deploys exactly once, nothing is dead-lettered, the
+/// worker signs no new transaction for a nonce already used, and nothing of ours stays stuck
+/// past one replacement interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_used_outside_the_service_mid_burst_still_deploys_every_model_once() {
+    let stack = Stack::start().await;
+    let miner = Miner::manual(&stack).await;
+    let dev: Address = hokusai_deployer::chain::signer(&hokusai_deployer::config::Secret::new(
+        hokusai_deployer::localstack::ANVIL_DEV_KEY,
+    ))
+    .unwrap()
+    .address();
+    let mut d = stack.daemon(
+        "shared-key",
+        &[("HOKUSAI__CHAIN__REPLACE_AFTER_SECS", "10")],
+        &[],
+    );
+    ready(&d).await;
+    let start = miner.0.get_transaction_count(dev).await.unwrap();
+    push_models(&stack, "sk", 20).await;
+    // All 20 signed and waiting in the pool.
+    let mut pending = miner.0.get_transaction_count(dev).pending().await.unwrap();
+    for _ in 0..600 {
+        if pending >= start + 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pending = miner.0.get_transaction_count(dev).pending().await.unwrap();
+    }
+    assert_eq!(pending, start + 20, "the burst is in the pool");
+    // The next free nonce, which the worker would take next, and one of ours replaced at
+    // twice its price.
+    let plain = cast_send(
+        &stack,
+        &[
+            "--nonce",
+            &pending.to_string(),
+            "0x0000000000000000000000000000000000000001",
+            "--value",
+            "1",
+        ],
+    )
+    .await;
+    let victim = start + 10;
+    let replacing = cast_send(
+        &stack,
+        &[
+            "--nonce",
+            &victim.to_string(),
+            "--gas-price",
+            "200gwei",
+            "--priority-gas-price",
+            "100gwei",
+            "0x0000000000000000000000000000000000000002",
+        ],
+    )
+    .await;
+    push_models(&stack, "sk2", 5).await;
+    let mining = {
+        let p = miner.0.clone();
+        tokio::spawn(async move {
+            loop {
+                // Slower than the retries' backoff: a conflict must be waited out, not retried
+                // until the DLQ.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let _: Result<String, _> = p.raw_request("evm_mine".into(), ()).await;
+            }
+        })
+    };
+    let began = std::time::Instant::now();
+    let mut models = events(&stack, 25).await;
+    let took = began.elapsed();
+    mining.abort();
+    models.retain(|m| m.starts_with("sk"));
+    assert_eq!(models.len(), 25);
+    assert!(
+        took < Duration::from_secs(20),
+        "nothing stuck beyond one replacement interval (10 s): took {took:?}"
+    );
+    assert_eq!(stack.len(DLQ).await, 0);
+    for h in [&plain, &replacing] {
+        let h: alloy::primitives::B256 = h.parse().unwrap();
+        assert!(
+            miner.block_of(h).await.is_some(),
+            "the outside transaction {h} landed"
+        );
+    }
+    assert_eq!(stack.creations().await, 25, "each model once");
+    // Every transaction the worker signed fresh had a nonce of its own.
+    let audit = audit_actions(&stack).await;
+    let mut nonces = BTreeSet::new();
+    for f in audit
+        .iter()
+        .filter(|f| f.get("action").map(String::as_str) == Some("tx_sent"))
+    {
+        assert!(
+            nonces.insert(f["nonce"].clone()),
+            "nonce {} signed twice: {f:?}",
+            f["nonce"]
+        );
+    }
+    assert!(d.sigterm(Duration::from_secs(30)).await.success());
+}
