@@ -287,6 +287,15 @@ pub struct BreakerSettings {
     pub cool_down_secs: u64,
 }
 
+impl BreakerSettings {
+    /// The failures that open the breaker: `failures`, but never more than a message's own
+    /// attempts (`pipeline.max_retries` + 1), or one message could spend all its retries
+    /// before the breaker opens. 0: off.
+    pub fn threshold(&self, max_retries: u32) -> u32 {
+        self.failures.min(max_retries.saturating_add(1))
+    }
+}
+
 impl Default for BreakerSettings {
     fn default() -> Self {
         BreakerSettings {
@@ -761,15 +770,6 @@ impl Settings {
             return Err(invalid("chain.replace_after_secs", "must be at least 1"));
         }
         let b = &self.chain.breaker;
-        if b.failures > self.pipeline.max_retries + 1 {
-            return Err(invalid(
-                "chain.breaker.failures",
-                format!(
-                    "must be at most pipeline.max_retries + 1 ({}), or a message could spend all its retries before the breaker opens (0 turns the breaker off)",
-                    self.pipeline.max_retries + 1
-                ),
-            ));
-        }
         if b.failures > 0 && b.cool_down_secs == 0 {
             return Err(invalid(
                 "chain.breaker.cool_down_secs",

@@ -318,6 +318,31 @@ impl Journal {
         format!("{}:{signer}", self.watch)
     }
 
+    /// Keeps a model under `signer`'s watch as of `block` (a redeployment under way must not
+    /// age out of the watch before its new event is recorded).
+    pub async fn rewatch(
+        &self,
+        signer: Address,
+        model_id: &str,
+        block: u64,
+    ) -> Result<(), JournalError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let _: () = self
+            .client
+            .zadd(
+                self.watch_key(signer),
+                None,
+                None,
+                false,
+                false,
+                (block as f64, model_id),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// The models under `signer`'s watch and their blocks, at or above `from`.
     pub async fn watched(
         &self,

@@ -278,6 +278,10 @@ impl Deployer {
                         ),
                     )
                     .await;
+                // Watched as of the head until the new event replaces it: a crash from here on
+                // leaves the model to be found and deployed again by the next start.
+                let head = self.chain.header(BlockNumberOrTag::Latest).await?.map_or(b, |h| h.number);
+                self.journal.rewatch(self.chain.signer, model_id, head).await?;
                 self.journal.clear_event(model_id).await?;
             } else if block.is_some() {
                 // Watched in memory, yet no event: a redeployment is already under way.

@@ -162,7 +162,10 @@ pub async fn run(
         status.clone(),
     ));
     status.breaker.configure(
-        settings.chain.breaker.failures,
+        settings
+            .chain
+            .breaker
+            .threshold(settings.pipeline.max_retries),
         Duration::from_secs(settings.chain.breaker.cool_down_secs),
     );
     metrics::gauge!(names::BREAKER_STATE).set(0.0);
