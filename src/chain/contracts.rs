@@ -142,8 +142,17 @@ pub async fn check_roles(
             "the token manager {manager} uses registry {wired}, not chain.model_registry_address {registry}: set chain.model_registry_address to {wired}, or deploy a matching pair (`hokusai-deployer contracts deploy`)"
         )));
     }
-    let (registrar, deployer) = (reg.registrars(manager), man.deployers(signer));
-    let (registrar, deployer) = tokio::try_join!(registrar.call(), deployer.call())?;
+    // An interface probe: only a ModelRegistry answers `registrars`.
+    let registrar = reg.registrars(manager).call().await.map_err(|e| match e {
+        alloy::contract::Error::TransportError(t) if !super::is_revert(&t) => {
+            ChainError::Call(alloy::contract::Error::TransportError(t))
+        }
+        e => ChainError::NotOurRegistry {
+            address: registry,
+            reason: e.to_string(),
+        },
+    })?;
+    let deployer = man.deployers(signer).call().await?;
     if !registrar {
         return Err(ChainError::MissingRole(format!(
             "the token manager {manager} is not a registrar of the registry {registry}: its owner must call setRegistrar({manager}, true)"

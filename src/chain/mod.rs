@@ -84,6 +84,9 @@ pub enum ChainError {
     /// `chain.token_manager_address` does not answer as our TokenManager does.
     #[error("chain.token_manager_address {address} is not a TokenManager that deploys tokens (tokenImplementation/namespace: {reason}); deploy one with `hokusai-deployer contracts deploy`")]
     NotOurManager { address: Address, reason: String },
+    /// `chain.model_registry_address` does not answer as our ModelRegistry.
+    #[error("chain.model_registry_address {address} is not a ModelRegistry (registrars: {reason}); deploy one with `hokusai-deployer contracts deploy`")]
+    NotOurRegistry { address: Address, reason: String },
     /// A role the worker needs is missing; the message says what grants it.
     #[error("{0}")]
     MissingRole(String),
@@ -103,6 +106,7 @@ impl ChainError {
             | ChainError::BadUrl { .. }
             | ChainError::Config(_)
             | ChainError::NotOurManager { .. }
+            | ChainError::NotOurRegistry { .. }
             | ChainError::MissingRole(_)
             | ChainError::Sign(_) => false,
             ChainError::Refused(_)
@@ -174,6 +178,7 @@ impl ChainError {
             | ChainError::BadUrl { .. }
             | ChainError::Config(_)
             | ChainError::NotOurManager { .. }
+            | ChainError::NotOurRegistry { .. }
             | ChainError::MissingRole(_)
             | ChainError::Sign(_) => "CONFIGURATION_ERROR",
         }

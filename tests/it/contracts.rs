@@ -419,6 +419,16 @@ async fn a_worker_without_its_roles_refuses_to_start_and_names_them() {
     )])
     .await;
     assert!(e.contains("is not a TokenManager"), "{e}");
+    // An address with no code at all.
+    let e = run(vec![(
+        "HOKUSAI__CHAIN__TOKEN_MANAGER_ADDRESS".into(),
+        "0x000000000000000000000000000000000000dEaD".into(),
+    )])
+    .await;
+    assert!(
+        e.contains("chain.token_manager_address") && e.contains("is not a TokenManager"),
+        "{e}"
+    );
     // A registry address that is not the manager's: named, with the address to set.
     let e = run(vec![(
         "HOKUSAI__CHAIN__MODEL_REGISTRY_ADDRESS".into(),
