@@ -356,6 +356,24 @@ pub struct OpsSettings {
     pub probe_timeout_ms: u64,
     /// The audit stream keeps about this many entries (`XADD MAXLEN ~`).
     pub audit_max_len: u64,
+    /// Write the metrics as CloudWatch Embedded Metric Format lines on stdout (ECS: awslogs
+    /// carries them and CloudWatch extracts the metrics).
+    #[serde(default)]
+    pub cloudwatch_emf: bool,
+    /// Seconds between two EMF reports.
+    #[serde(default = "default_emf_interval")]
+    pub cloudwatch_emf_interval_secs: u64,
+    /// The `Environment` dimension of the EMF metrics (`development`, `staging`, `production`).
+    #[serde(default = "default_environment")]
+    pub environment: String,
+}
+
+fn default_emf_interval() -> u64 {
+    60
+}
+
+fn default_environment() -> String {
+    "development".into()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -740,6 +758,24 @@ impl Settings {
         }
         if self.ops.bind.parse::<std::net::IpAddr>().is_err() {
             return Err(invalid("ops.bind", "must be an IP address such as 0.0.0.0"));
+        }
+        if self.ops.cloudwatch_emf_interval_secs == 0 {
+            return Err(invalid(
+                "ops.cloudwatch_emf_interval_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.ops.environment.is_empty()
+            || !self
+                .ops
+                .environment
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        {
+            return Err(invalid(
+                "ops.environment",
+                "letters, digits, '-' and '_' only (the EMF Environment dimension)",
+            ));
         }
         if self.ops.probe_timeout_ms == 0 {
             return Err(invalid("ops.probe_timeout_ms", "must be at least 1"));

@@ -5,8 +5,9 @@
 //! it in the `ModelRegistry` ([`chain`]), recording every transaction in a write-ahead
 //! [`journal`] before it is broadcast, publishes a `token_deployed` event and only then removes
 //! the message ([`pipeline`]). [`api`] is the HTTP deployment API, which queues the same
-//! messages; [`ops`] serves health and metrics, [`admin`] the operator commands, [`audit`]
-//! the audit trail, [`acl`] the Redis ACL file, [`mlflow`] the model registry the API reads,
+//! messages; [`ops`] serves health and metrics (and [`emf`] writes the metrics as CloudWatch
+//! Embedded Metric Format lines), [`admin`] the operator commands, [`audit`] the audit trail,
+//! [`acl`] the Redis ACL file, [`mlflow`] the model registry the API reads,
 //! [`telemetry`] logs and metric names. [`config`] builds the settings; [`localstack`] starts
 //! Redis and anvil for the quick start and the tests; [`cli`] is the command line.
 
@@ -17,6 +18,7 @@ pub mod audit;
 pub mod chain;
 pub mod cli;
 pub mod config;
+pub mod emf;
 pub mod journal;
 pub mod localstack;
 pub mod message;

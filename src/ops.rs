@@ -142,9 +142,16 @@ pub async fn serve(
             }
         });
     }
-    axum::serve(listener, router(state))
+    let emf = (state.settings.ops.cloudwatch_emf && state.metrics.is_some())
+        .then(|| tokio::spawn(emit_emf(state.clone(), shutdown.clone())));
+    let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+        .await;
+    if let Some(emf) = emf {
+        // Its last report, written once shutdown is asked.
+        let _ = emf.await;
+    }
+    served
 }
 
 async fn health() -> Json<Json_> {
@@ -545,27 +552,61 @@ async fn detailed(State(s): State<Arc<OpsState>>) -> Response {
 }
 
 async fn metrics_text(State(s): State<Arc<OpsState>>) -> Response {
-    let Some(handle) = &s.metrics else {
+    let Some(_) = &s.metrics else {
         return (
             StatusCode::NOT_FOUND,
             "metrics are not enabled in this process\n",
         )
             .into_response();
     };
-    tokio::join!(s.stats(), s.balance());
-    if let Some(w) = &s.worker {
-        metrics::gauge!(names::IN_FLIGHT).set(w.in_flight() as f64);
-        metrics::gauge!(names::FEE_WAITING).set(w.waiting_for_fees() as f64);
-        metrics::gauge!(names::BACKPRESSURE).set(if w.backpressure() { 1.0 } else { 0.0 });
-    }
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        handle.render(),
+        s.render_metrics().await.unwrap_or_default(),
     )
         .into_response()
+}
+
+impl OpsState {
+    /// The Prometheus exposition, with the gauges read at scrape time brought up to date.
+    pub async fn render_metrics(&self) -> Option<String> {
+        let handle = self.metrics.as_ref()?;
+        tokio::join!(self.stats(), self.balance());
+        if let Some(w) = &self.worker {
+            metrics::gauge!(names::IN_FLIGHT).set(w.in_flight() as f64);
+            metrics::gauge!(names::FEE_WAITING).set(w.waiting_for_fees() as f64);
+            metrics::gauge!(names::BACKPRESSURE).set(if w.backpressure() { 1.0 } else { 0.0 });
+        }
+        Some(handle.render())
+    }
+}
+
+/// Writes the metrics as CloudWatch EMF lines on stdout every `ops.cloudwatch_emf_interval_secs`
+/// until `stop`, and once more then (what the last interval counted is not lost).
+pub async fn emit_emf(state: Arc<OpsState>, stop: CancellationToken) {
+    use std::io::Write;
+    let role = if state.api { "api" } else { "worker" };
+    let mut emitter = crate::emf::Emitter::new(&state.settings.ops.environment, role);
+    let every = Duration::from_secs(state.settings.ops.cloudwatch_emf_interval_secs);
+    loop {
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(every) => false,
+            _ = stop.cancelled() => true,
+        };
+        if let Some(text) = state.render_metrics().await {
+            let lines = emitter.lines(&text, chrono::Utc::now().timestamp_millis());
+            let mut out = std::io::stdout().lock();
+            for l in lines {
+                let _ = writeln!(out, "{l}");
+            }
+            let _ = out.flush();
+        }
+        if stopping {
+            return;
+        }
+    }
 }
 
 /// Resident and peak memory of this process, from `/proc/self/status` (Linux).

@@ -59,6 +59,37 @@ pub mod names {
     pub const BREAKER_STATE: &str = "hokusai_chain_breaker_state";
     pub const UNFUNDED: &str = "hokusai_deployer_unfunded";
     pub const REORGS: &str = "hokusai_reorgs_total";
+
+    /// Every metric this process may expose (dashboards and rules are checked against it).
+    pub const ALL: &[&str] = &[
+        BUILD_INFO,
+        MESSAGES,
+        DEPLOYMENTS,
+        DEPLOYMENT_DURATION,
+        RETRIES,
+        DLQ_MOVES,
+        GAS_USED,
+        FEES_PAID,
+        RECOVERED,
+        QUEUE_DEPTH,
+        WORKERS,
+        IN_FLIGHT,
+        PAUSED,
+        REDIS_UP,
+        RPC_DURATION,
+        REDIS_DURATION,
+        AUDIT_WRITE_FAILURES,
+        BALANCE,
+        BASE_FEE,
+        REPLACEMENTS,
+        FEE_WAITING,
+        API_DURATION,
+        API_ERRORS,
+        BACKPRESSURE,
+        BREAKER_STATE,
+        UNFUNDED,
+        REORGS,
+    ];
 }
 
 static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =

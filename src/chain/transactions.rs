@@ -392,8 +392,14 @@ impl Chain {
                     }
                     let block_hash = r.block_hash.unwrap_or_default();
                     if head + 1 >= block + self.confirmations {
-                        // Counted only while its block is the chain's at that height.
-                        if self.canonical_hash(block).await? == Some(block_hash) {
+                        // Counted only while its block is the chain's at that height (the
+                        // head's own hash when it is the head: no call).
+                        let canonical = if block == head {
+                            Some(head_block.1)
+                        } else {
+                            self.canonical_hash(block).await?
+                        };
+                        if canonical == Some(block_hash) {
                             return Ok(Waited::Mined(Mined {
                                 hash: r.transaction_hash,
                                 block_number: block,
@@ -449,21 +455,20 @@ impl Chain {
     /// The hash of the chain's block at this height now, if there is one.
     /// Waiters confirming in the same block share one reading per poll interval.
     pub async fn canonical_hash(&self, number: u64) -> Result<Option<B256>, ChainError> {
-        {
-            let mut c = self.hashes.lock().await;
-            if c.0.elapsed() >= self.poll_interval {
-                *c = (Instant::now(), std::collections::HashMap::new());
-            }
-            if let Some(h) = c.1.get(&number) {
-                return Ok(Some(*h));
-            }
+        // Held while reading: waiters confirming in one block make one call, not one each.
+        let mut c = self.hashes.lock().await;
+        if c.0.elapsed() >= self.poll_interval {
+            *c = (Instant::now(), std::collections::HashMap::new());
+        }
+        if let Some(h) = c.1.get(&number) {
+            return Ok(Some(*h));
         }
         let h = self
             .header(BlockNumberOrTag::Number(number))
             .await?
             .map(|h| h.hash);
         if let Some(h) = h {
-            self.hashes.lock().await.1.insert(number, h);
+            c.1.insert(number, h);
         }
         Ok(h)
     }

@@ -207,7 +207,13 @@ impl Stack {
             .env(format!("{port_section}__BIND"), "127.0.0.1")
             .env("HOKUSAI__OPS__PORT", metrics_port.to_string())
             .env("HOKUSAI__OPS__BIND", "127.0.0.1")
-            .stdout(std::process::Stdio::null())
+            .stdout(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log_path(name).with_extension("out"))
+                    .expect("stdout file"),
+            )
             .stderr(log)
             .kill_on_drop(true);
         Daemon {

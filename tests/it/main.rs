@@ -8,6 +8,8 @@ mod chain_faults;
 mod cli;
 mod contracts;
 mod crash;
+mod dashboards;
+mod emf;
 mod fees;
 mod harness;
 #[cfg(feature = "aws-kms")]
