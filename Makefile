@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 ## Install what the tests and the local stack need, when missing: redis-server and promtool
 ## (Debian), the pinned npm toolchain in contracts/ (solcjs, OpenZeppelin, anvil, cast), and
-## the pinned Python tools in .tools/venv (MLflow, schemathesis).
+## the pinned Python tools in .tools/venv (MLflow, schemathesis, the deploy-lint linters).
 tools: redis-server promtool node-tools pytools
 
 PYTHON ?= python3
@@ -75,13 +75,28 @@ deny: $(CARGO_DENY)
 	$(CARGO) install --locked --quiet cargo-deny@$(CARGO_DENY_VERSION) --root .tools/cargo
 
 ## Packaging lint: hadolint on the Dockerfile, kubernetes-validate --strict on every manifest,
-## the ECS task definitions parse, the compose file parses (podman-compose config needs podman).
+## the compose file parses (podman-compose config needs podman); the AWS deployment
+## (docs/deploy): cfn-lint on the CloudFormation templates (informational rules too), checkov on
+## them and on k8s/ (every skip is named with its reason in the file it applies to), the seeds'
+## names and numbers in the templates, shellcheck on the scripts and deploy.sh against a
+## stand-in aws CLI. All offline; the tools come from PyPI (tests/requirements.txt).
+CHECKOV := .tools/venv/bin/checkov --skip-download --compact --quiet
+K8S_MANIFESTS := $(filter-out k8s/kustomization.yaml,$(wildcard k8s/*.yaml))
+
 deploy-lint: pytools
 	.tools/venv/bin/hadolint Dockerfile
-	.tools/venv/bin/kubernetes-validate --strict --quiet $(filter-out k8s/kustomization.yaml,$(wildcard k8s/*.yaml))
-	.tools/venv/bin/python -c 'import json, sys; [json.load(open(f)) for f in sys.argv[1:]]' docs/deploy/ecs/*.json
+	.tools/venv/bin/kubernetes-validate --strict --quiet $(K8S_MANIFESTS)
 	.tools/venv/bin/python -c 'import yaml, sys; [yaml.safe_load(open(f)) for f in sys.argv[1:]]' docs/deploy/docker-compose.yml k8s/kustomization.yaml
 	@if command -v podman >/dev/null; then .tools/venv/bin/podman-compose -f docs/deploy/docker-compose.yml config >/dev/null && echo "compose file valid"; fi
+	.tools/venv/bin/cfn-lint --include-checks I -- docs/deploy/cloudformation/*.yaml
+	$(CHECKOV) --framework cloudformation -d docs/deploy/cloudformation
+	$(CHECKOV) --framework kubernetes $(addprefix -f ,$(K8S_MANIFESTS))
+	.tools/venv/bin/python docs/deploy/check_seed_names.py docs/deploy/cloudformation
+	bash -n docs/deploy/ecs/build-and-push.sh
+	bash -n docs/deploy/ecs/deploy.sh
+	.tools/venv/bin/shellcheck docs/deploy/ecs/*.sh
+	bash docs/deploy/ecs/test_deploy.sh
+	@if [ -f k8s/monitoring/check.sh ]; then bash k8s/monitoring/check.sh; fi
 
 ## The container image with podman and local stand-ins for the base images (no registry here).
 image:
