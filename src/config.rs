@@ -403,9 +403,68 @@ pub struct Settings {
     pub log: LogSettings,
     pub ops: OpsSettings,
     pub api: ApiSettings,
+    /// Webhooks: the ML platform's `model_registered` deliveries to the API.
+    #[serde(default)]
+    pub webhooks: WebhookSettings,
     #[serde(default)]
     pub networks: BTreeMap<String, Network>,
 }
+
+/// `[webhooks]`: the inbound `POST /api/webhooks/model-registered` of the ML platform's
+/// `WebhookPublisher` (docs/webhooks.md).
+#[derive(Clone, Deserialize, Serialize)]
+pub struct WebhookSettings {
+    /// The HMAC-SHA256 secret the platform signs each body with; unset turns the endpoint off
+    /// (`404`). Environment only (`HOKUSAI__WEBHOOKS__INBOUND_SECRET`), refused in a file.
+    #[serde(default, deserialize_with = "blank_is_unset")]
+    pub inbound_secret: Option<Secret>,
+    /// The secret being rotated out, still accepted beside `inbound_secret` until the platform
+    /// signs with the new one. Environment only.
+    #[serde(default, deserialize_with = "blank_is_unset")]
+    pub inbound_secret_previous: Option<Secret>,
+    /// How long an `X-Hokusai-Idempotency-Key` is remembered: a repeat within it is answered
+    /// with the first outcome and queues nothing. The platform's scheme signs no time, so this
+    /// window is its replay defence.
+    #[serde(default = "default_idempotency_ttl")]
+    pub idempotency_ttl_secs: u64,
+    /// An `X-Hokusai-Timestamp` (unix seconds), when sent, must be this close to our clock.
+    #[serde(default = "default_timestamp_tolerance")]
+    pub timestamp_tolerance_secs: u64,
+}
+
+fn default_idempotency_ttl() -> u64 {
+    86_400
+}
+
+fn default_timestamp_tolerance() -> u64 {
+    300
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        WebhookSettings {
+            inbound_secret: None,
+            inbound_secret_previous: None,
+            idempotency_ttl_secs: default_idempotency_ttl(),
+            timestamp_tolerance_secs: default_timestamp_tolerance(),
+        }
+    }
+}
+
+impl WebhookSettings {
+    /// The secrets a delivery may be signed with: the current one, then the previous one. Empty
+    /// when the endpoint is off.
+    pub fn inbound_secrets(&self) -> Vec<&Secret> {
+        self.inbound_secret
+            .iter()
+            .chain(&self.inbound_secret_previous)
+            .collect()
+    }
+}
+
+/// Shortest inbound webhook secret: 32 characters, as `api.jwt.secret` (HMAC keys of 128 bits
+/// and more once the usual hex or base64 encodings are counted).
+const MIN_WEBHOOK_SECRET: usize = 32;
 
 /// The HTTP deployment API (`hokusai-deployer api`, or `run --api` beside a worker).
 #[derive(Clone, Deserialize, Serialize)]
@@ -537,7 +596,8 @@ debug_via_serialize!(
     ChainSettings,
     Settings,
     ApiSettings,
-    JwtSettings
+    JwtSettings,
+    WebhookSettings
 );
 
 fn ser_masked_url<S: serde::Serializer>(u: &str, s: S) -> Result<S::Ok, S::Error> {
@@ -598,6 +658,23 @@ impl Settings {
                     "chain.private_key",
                     "must not be set in a configuration file; use HOKUSAI__CHAIN__PRIVATE_KEY or chain.private_key_file",
                 ));
+            }
+            for (key, var) in [
+                (
+                    "webhooks.inbound_secret",
+                    "HOKUSAI__WEBHOOKS__INBOUND_SECRET",
+                ),
+                (
+                    "webhooks.inbound_secret_previous",
+                    "HOKUSAI__WEBHOOKS__INBOUND_SECRET_PREVIOUS",
+                ),
+            ] {
+                if only_file.get_string(key).is_ok() {
+                    return Err(invalid(
+                        key,
+                        format!("must not be set in a configuration file; use {var}"),
+                    ));
+                }
             }
             b = b.add_source(File::from(path).required(true));
         }
@@ -730,6 +807,7 @@ impl Settings {
                 "must not be blank (leave it unset to refuse SIWE proofs)",
             ));
         }
+        self.validate_webhooks()?;
         if self.queues.outbound_max_len > 0
             && self.queues.outbound_resume_len() >= self.queues.outbound_max_len
         {
@@ -833,6 +911,50 @@ impl Settings {
         for k in self.networks.keys() {
             k.parse::<u64>()
                 .map_err(|_| invalid("networks", format!("`{k}` is not a chain id")))?;
+        }
+        Ok(())
+    }
+
+    fn validate_webhooks(&self) -> Result<(), ConfigError> {
+        let w = &self.webhooks;
+        for (key, secret) in [
+            ("webhooks.inbound_secret", &w.inbound_secret),
+            (
+                "webhooks.inbound_secret_previous",
+                &w.inbound_secret_previous,
+            ),
+        ] {
+            if secret
+                .as_ref()
+                .is_some_and(|s| s.expose().len() < MIN_WEBHOOK_SECRET)
+            {
+                return Err(invalid(
+                    key,
+                    format!("must be at least {MIN_WEBHOOK_SECRET} characters"),
+                ));
+            }
+        }
+        if w.inbound_secret_previous.is_some() && w.inbound_secret.is_none() {
+            return Err(invalid(
+                "webhooks.inbound_secret_previous",
+                "needs webhooks.inbound_secret (the secret that replaces it)",
+            ));
+        }
+        // A replay answers from the deployment record, so the key must not outlive it.
+        let record_secs = self.api.deployment_ttl_days.saturating_mul(86_400);
+        if w.idempotency_ttl_secs < 60 || w.idempotency_ttl_secs > record_secs {
+            return Err(invalid(
+                "webhooks.idempotency_ttl_secs",
+                format!(
+                    "must be between 60 and api.deployment_ttl_days in seconds ({record_secs})"
+                ),
+            ));
+        }
+        if w.timestamp_tolerance_secs == 0 {
+            return Err(invalid(
+                "webhooks.timestamp_tolerance_secs",
+                "must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -1142,6 +1264,61 @@ mod tests {
             s.redis.password.unwrap().expose(),
             "hunter2-hunter2-hunter2"
         );
+    }
+
+    #[test]
+    fn webhook_secrets_come_from_the_environment_only_and_rotate_in_pairs() {
+        const A: &str = "inbound-secret-a-0123456789abcdef0123";
+        const B: &str = "inbound-secret-b-0123456789abcdef0123";
+        let s = load(&[]).unwrap();
+        assert!(s.webhooks.inbound_secrets().is_empty(), "off by default");
+        assert_eq!(s.webhooks.idempotency_ttl_secs, 86_400);
+        let s = load(&[
+            ("HOKUSAI__WEBHOOKS__INBOUND_SECRET", A),
+            ("HOKUSAI__WEBHOOKS__INBOUND_SECRET_PREVIOUS", B),
+        ])
+        .unwrap();
+        let secrets: Vec<&str> = s
+            .webhooks
+            .inbound_secrets()
+            .iter()
+            .map(|s| s.expose())
+            .collect();
+        assert_eq!(secrets, [A, B]);
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(!json.contains(A) && !json.contains(B), "{json}");
+        assert!(!format!("{s:?}").contains(A));
+
+        let e = load(&[("HOKUSAI__WEBHOOKS__INBOUND_SECRET", "short")]).unwrap_err();
+        assert!(e.to_string().contains("webhooks.inbound_secret"), "{e}");
+        let e = load(&[("HOKUSAI__WEBHOOKS__INBOUND_SECRET_PREVIOUS", B)]).unwrap_err();
+        assert!(
+            e.to_string().contains("webhooks.inbound_secret_previous"),
+            "{e}"
+        );
+        let e = load(&[("HOKUSAI__WEBHOOKS__IDEMPOTENCY_TTL_SECS", "99999999")]).unwrap_err();
+        assert!(
+            e.to_string().contains("webhooks.idempotency_ttl_secs"),
+            "{e}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, format!("[webhooks]\ninbound_secret = \"{A}\"\n")).unwrap();
+        let e = Settings::load(Sources {
+            file: Some(&p),
+            env: vec![],
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("webhooks.inbound_secret"), "{e}");
+        assert!(!e.to_string().contains(A), "{e}");
+        std::fs::write(&p, "[webhooks]\nidempotency_ttl_secs = 3600\n").unwrap();
+        let s = Settings::load(Sources {
+            file: Some(&p),
+            env: vec![],
+        })
+        .unwrap();
+        assert_eq!(s.webhooks.idempotency_ttl_secs, 3600);
     }
 
     #[test]

@@ -3,6 +3,9 @@
 //! nonce once, take a quota slot and the model, and queue the same `model_ready_to_deploy`
 //! message the ML platform would send. A request refused or timed out gives back everything
 //! it took ([`Acquired::give_back`]).
+//!
+//! The platform's webhook ([`super::webhooks`]) orders a deployment through the same steps:
+//! [`guarded`], [`claim_idempotency`] and [`admit_and_queue`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,21 +20,17 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use fred::prelude::*;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tracing::{info, warn};
 use utoipa::ToSchema;
 
 use super::authorization::{self, Authenticated, ClientIp};
 use super::errors::{ApiError, ErrorResponse, Request};
-use super::limits::{Decision, Window};
-use super::{quote, symbol, ApiState};
-use crate::chain::ModelRegistry;
-use crate::message;
-use crate::mlflow::Model;
+use super::queueing::{admit_and_queue, Quota};
+use super::ApiState;
 use crate::queue;
 
-/// How long an `Idempotency-Key` is remembered.
-const IDEMPOTENCY_TTL_SECS: i64 = 86_400;
+/// How long an `Idempotency-Key` is remembered: a day, as the retries of one client go.
+const IDEMPOTENCY_TTL_SECS: u64 = 86_400;
 
 /// Seed 000's request body. `auth_token` may carry the JWT instead of the header;
 /// `siwe_message` and `siwe_signature` prove `user_address` (docs/api.md).
@@ -114,7 +113,7 @@ pub async fn create(
     req.finish(&state, result)
 }
 
-fn too_large(state: &ApiState) -> ApiError {
+pub(super) fn too_large(state: &ApiState) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "PAYLOAD_TOO_LARGE",
@@ -163,7 +162,9 @@ async fn create_inner(
     let req = req?;
     log.model_id = Some(req.model_id.chars().take(128).collect());
     let request = Checked::from(req)?;
-    who.may_name(request.user_address)?;
+    if let Some(a) = request.user_address {
+        who.may_name(a)?;
+    }
 
     let idem = match headers.get("idempotency-key") {
         None => None,
@@ -176,25 +177,36 @@ async fn create_inner(
                     "Idempotency-Key must be 1 to 128 printable ASCII characters",
                 ));
             }
-            Some(state.key("idempotency", &format!("{}:{k}", who.caller.user_id)))
+            Some((
+                state.key("idempotency", &format!("{}:{k}", who.caller.user_id)),
+                IDEMPOTENCY_TTL_SECS,
+            ))
         }
     };
-    let acquired = Arc::new(Acquired {
-        deployment_id: uuid::Uuid::new_v4().to_string(),
-        user_id: who.caller.user_id.clone(),
-        model_id: request.model_id.clone(),
-        idempotency_key: idem,
-        jti_key: who.caller.jti.as_deref().map(|j| state.jti_key(j)),
-        nonce_key: who.siwe.as_ref().map(|p| state.nonce_key(&p.nonce)),
-        key: AtomicBool::new(false),
-        jti: AtomicBool::new(false),
-        nonce: AtomicBool::new(false),
-        quota: AtomicBool::new(false),
-        claim: AtomicBool::new(false),
-        commit: AtomicBool::new(false),
-    });
+    let acquired = Acquired::new(
+        &who.caller.user_id,
+        &request.model_id,
+        idem,
+        who.caller.jti.as_deref().map(|j| state.jti_key(j)),
+        who.siwe.as_ref().map(|p| state.nonce_key(&p.nonce)),
+    );
+    guarded(
+        state,
+        &acquired,
+        create_checked(state, &who, &request, &acquired),
+    )
+    .await
+}
+
+/// Runs a deployment request's `work` under `api.request_timeout_ms` and, when it is refused
+/// or times out, gives back what it took (see [`Acquired`]).
+pub(super) async fn guarded(
+    state: &Arc<ApiState>,
+    acquired: &Arc<Acquired>,
+    work: impl std::future::Future<Output = Result<Response, ApiError>>,
+) -> Result<Response, ApiError> {
     let limit = Duration::from_millis(state.settings.api.request_timeout_ms);
-    let result = tokio::time::timeout(limit, create_checked(state, &who, &request, &acquired))
+    let result = tokio::time::timeout(limit, work)
         .await
         .unwrap_or_else(|_| Err(ApiError::timeout()));
     if result.is_err() && acquired.any() {
@@ -206,15 +218,16 @@ async fn create_inner(
     result
 }
 
-/// What a POST has taken so far, each marked just before the Redis command that takes it is
-/// sent (a timeout may drop the request between sending and the answer): a request refused or
-/// timed out gives it all back in [`Acquired::give_back`], its one cleanup path.
-struct Acquired {
-    deployment_id: String,
+/// What a deployment request has taken so far, each marked just before the Redis command that
+/// takes it is sent (a timeout may drop the request between sending and the answer): a request
+/// refused or timed out gives it all back in [`Acquired::give_back`], its one cleanup path.
+pub(super) struct Acquired {
+    pub(super) deployment_id: String,
     user_id: String,
     model_id: String,
-    /// `<prefix>:idempotency:<user>:<key>` when the request has an `Idempotency-Key`.
-    idempotency_key: Option<String>,
+    /// `<prefix>:idempotency:<user>:<key>` when the request has an `Idempotency-Key`
+    /// (`<prefix>:webhook-idempotency:<key>` for the webhook's), and how long it is kept.
+    idempotency_key: Option<(String, u64)>,
     /// The token's `jti` mark, when the token has one.
     jti_key: Option<String>,
     /// The SIWE nonce's mark, when the request carries a proof.
@@ -226,18 +239,47 @@ struct Acquired {
     /// The SIWE nonce was taken.
     nonce: AtomicBool,
     /// A quota slot was taken.
-    quota: AtomicBool,
+    pub(super) quota: AtomicBool,
     /// The model was claimed.
-    claim: AtomicBool,
+    pub(super) claim: AtomicBool,
     /// The deployment record and message were sent (one MULTI/EXEC).
-    commit: AtomicBool,
+    pub(super) commit: AtomicBool,
 }
 
 impl Acquired {
-    fn mark(flag: &AtomicBool) {
+    /// Nothing taken yet, for a new deployment id.
+    pub(super) fn new(
+        user_id: &str,
+        model_id: &str,
+        idempotency_key: Option<(String, u64)>,
+        jti_key: Option<String>,
+        nonce_key: Option<String>,
+    ) -> Arc<Acquired> {
+        Arc::new(Acquired {
+            deployment_id: uuid::Uuid::new_v4().to_string(),
+            user_id: user_id.to_owned(),
+            model_id: model_id.to_owned(),
+            idempotency_key,
+            jti_key,
+            nonce_key,
+            key: AtomicBool::new(false),
+            jti: AtomicBool::new(false),
+            nonce: AtomicBool::new(false),
+            quota: AtomicBool::new(false),
+            claim: AtomicBool::new(false),
+            commit: AtomicBool::new(false),
+        })
+    }
+
+    /// The id the deployment gets if it is queued.
+    pub(super) fn deployment_id(&self) -> &str {
+        &self.deployment_id
+    }
+
+    pub(super) fn mark(flag: &AtomicBool) {
         flag.store(true, Ordering::SeqCst);
     }
-    fn clear(flag: &AtomicBool) {
+    pub(super) fn clear(flag: &AtomicBool) {
         flag.store(false, Ordering::SeqCst);
     }
     fn has(flag: &AtomicBool) -> bool {
@@ -274,8 +316,9 @@ impl Acquired {
                 return;
             }
         }
+        let idempotency_key = self.idempotency_key.as_ref().map(|(k, _)| k.clone());
         for (flag, key, what) in [
-            (&self.key, &self.idempotency_key, "an Idempotency-Key"),
+            (&self.key, &idempotency_key, "an Idempotency-Key"),
             (&self.jti, &self.jti_key, "a token's jti"),
             (&self.nonce, &self.nonce_key, "a SIWE nonce"),
         ] {
@@ -327,13 +370,16 @@ async fn replay(state: &ApiState, id: &str, model_id: &str) -> Result<Response, 
     }
 }
 
-/// A request whose fields passed their rules.
-struct Checked {
-    model_id: String,
-    user_address: Address,
-    token_name: Option<String>,
+/// A deployment order whose fields passed their rules: the POST's body, or the platform's
+/// webhook.
+pub(super) struct Checked {
+    pub model_id: String,
+    /// The deploying user's address, the message's `contributor_address`; the webhook names
+    /// none (only a service caller may order without one).
+    pub user_address: Option<Address>,
+    pub token_name: Option<String>,
     /// As the caller gave it; `None`: generated when the deployment is queued.
-    token_symbol: Option<String>,
+    pub token_symbol: Option<String>,
 }
 
 impl Checked {
@@ -367,10 +413,7 @@ impl Checked {
         }
         let token_symbol = match &r.token_symbol {
             Some(s) => {
-                let ok = s.len() <= 64
-                    && s.split('-')
-                        .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric()));
-                if !ok {
+                if !symbol_ok(s) {
                     return Err(ApiError::invalid(
                         "token_symbol",
                         "format",
@@ -383,11 +426,19 @@ impl Checked {
         };
         Ok(Checked {
             model_id: r.model_id,
-            user_address,
+            user_address: Some(user_address),
             token_name: r.token_name,
             token_symbol,
         })
     }
+}
+
+/// Letters and digits in groups joined by single `-`, at most 64 characters: a symbol a caller
+/// may give (the message's rule; it is written on chain in upper case).
+pub(super) fn symbol_ok(s: &str) -> bool {
+    s.len() <= 64
+        && s.split('-')
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric()))
 }
 
 /// 1 to 128 letters, digits, `-`, `_` or `.`: an MLflow model name we accept.
@@ -399,28 +450,77 @@ pub(super) fn model_id_ok(s: &str) -> bool {
 }
 
 fn parse_request(body: &[u8]) -> Result<DeployTokenRequest, ApiError> {
+    parse_json(body)
+}
+
+/// A JSON body as `T`, or `VALIDATION_ERROR` naming the field (`model.id` when nested) and the
+/// rule it broke.
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
+        let top = path == "." || path.is_empty();
         let inner = e.into_inner();
         let msg = inner.to_string();
+        let within = |f: &str| {
+            if top {
+                f.to_owned()
+            } else {
+                format!("{path}.{f}")
+            }
+        };
         let (field, rule) = if let Some(f) = msg
             .strip_prefix("missing field `")
             .and_then(|r| r.split('`').next())
         {
-            (f.to_owned(), "required")
+            (within(f), "required")
         } else if let Some(f) = msg
             .strip_prefix("unknown field `")
             .and_then(|r| r.split('`').next())
         {
-            (f.to_owned(), "unknown_field")
-        } else if path == "." || path.is_empty() {
+            // The path already ends with the unknown field.
+            (if top { f.to_owned() } else { path }, "unknown_field")
+        } else if top {
             ("body".to_owned(), "json")
         } else {
             (path, "type")
         };
         ApiError::invalid(&field, rule, format!("invalid request body: {msg}"))
     })
+}
+
+/// Takes the request's idempotency key for its deployment (set-if-absent): `None` when this
+/// request now holds it (or has none), else the answer to a repeat: the first request's answer
+/// again, or a conflict.
+pub(super) async fn claim_idempotency(
+    state: &ApiState,
+    acquired: &Acquired,
+    model_id: &str,
+) -> Result<Option<Response>, ApiError> {
+    let Some((key, ttl_secs)) = &acquired.idempotency_key else {
+        return Ok(None);
+    };
+    Acquired::mark(&acquired.key);
+    let claimed: Option<String> = state
+        .redis
+        .set(
+            key,
+            acquired.deployment_id.as_str(),
+            Some(fred::types::Expiration::EX(*ttl_secs as i64)),
+            Some(fred::types::SetOptions::NX),
+            true,
+        )
+        .await
+        .map_err(ApiError::redis)?;
+    match claimed {
+        None => Ok(None),
+        Some(earlier) => {
+            // Another request's key: not ours to give back. A replay deploys nothing, so it
+            // needs no unused jti or nonce.
+            Acquired::clear(&acquired.key);
+            replay(state, &earlier, model_id).await.map(Some)
+        }
+    }
 }
 
 async fn create_checked(
@@ -430,25 +530,8 @@ async fn create_checked(
     acquired: &Acquired,
 ) -> Result<Response, ApiError> {
     let deployment_id = acquired.deployment_id.as_str();
-    if let Some(key) = &acquired.idempotency_key {
-        Acquired::mark(&acquired.key);
-        let claimed: Option<String> = state
-            .redis
-            .set(
-                key,
-                deployment_id,
-                Some(fred::types::Expiration::EX(IDEMPOTENCY_TTL_SECS)),
-                Some(fred::types::SetOptions::NX),
-                true,
-            )
-            .await
-            .map_err(ApiError::redis)?;
-        if let Some(earlier) = claimed {
-            // Another request's key: not ours to give back. A replay deploys nothing, so it
-            // needs no unused jti or nonce.
-            Acquired::clear(&acquired.key);
-            return replay(state, &earlier, &req.model_id).await;
-        }
+    if let Some(replayed) = claim_idempotency(state, acquired, &req.model_id).await? {
+        return Ok(replayed);
     }
     // Single use: a token with a `jti`, and a SIWE proof, serve one deployment request.
     let now = chrono::Utc::now().timestamp().max(0) as u64;
@@ -480,308 +563,9 @@ async fn create_checked(
             ));
         }
     }
-    let paused: i64 = state
-        .redis
-        .exists(queue::pause_key(&state.prefix))
-        .await
-        .map_err(ApiError::redis)?;
-    if paused > 0 {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "DEPLOYMENTS_PAUSED",
-            "deployments are paused by an operator; try again later",
-        ));
-    }
-    Acquired::mark(&acquired.quota);
-    let decision = state
-        .limiter
-        .admit(
-            &who.caller.user_id,
-            who.caller.tier.as_deref(),
-            deployment_id,
-        )
-        .await
-        .map_err(ApiError::redis)?;
-    let (limit, remaining) = match decision {
-        Decision::Admitted { limit, remaining } => (limit, remaining),
-        Decision::Refused {
-            window,
-            limit,
-            retry_after_secs,
-        } => {
-            // Nothing was recorded.
-            Acquired::clear(&acquired.quota);
-            let (status, code, what) = match window {
-                Window::UserDay => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMIT_EXCEEDED", format!("at most {limit} deployments per day")),
-                Window::Global => (StatusCode::SERVICE_UNAVAILABLE, "CIRCUIT_BREAKER_OPEN", format!("the service accepts at most {limit} deployments per hour from everyone together")),
-                _ => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMIT_EXCEEDED", format!("at most {limit} deployments per hour")),
-            };
-            return Err(ApiError::throttled(
-                status,
-                code,
-                what,
-                limit,
-                retry_after_secs,
-            ));
-        }
-    };
-    let body = queue_deployment(state, who, req, acquired).await?;
-    let mut r = (StatusCode::ACCEPTED, Json(body)).into_response();
-    let h = r.headers_mut();
-    h.insert("x-ratelimit-limit", HeaderValue::from(limit));
-    h.insert("x-ratelimit-remaining", HeaderValue::from(remaining));
-    Ok(r)
+    admit_and_queue(state, who, req, acquired, Quota::Caller).await
 }
 
-/// A model that may be deployed for this caller, and the figures of its validation.
-pub(super) struct Deployable {
-    pub model: Model,
-    pub metric: String,
-    pub baseline: f64,
-    pub current: f64,
-}
-
-/// The checks a deployment and a quote share: the model exists, the caller may deploy it
-/// (owner, or a proven contributor), it is validated with a metric, and it has no token yet
-/// (in our journal or the registry).
-pub(super) async fn deployable(
-    state: &ApiState,
-    who: &Authenticated,
-    model_id: &str,
-    user_address: Address,
-) -> Result<Deployable, ApiError> {
-    let model = state.model(model_id).await?.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "MODEL_NOT_FOUND",
-            format!("no model `{model_id}` in the model registry"),
-        )
-    })?;
-    who.may_deploy(user_address, &model)?;
-    if !model.validated {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "MODEL_NOT_VALIDATED",
-            format!("model `{model_id}` has not been validated yet"),
-        ));
-    }
-    let Some((metric, baseline, current)) = model.metric.clone() else {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "MODEL_NOT_VALIDATED",
-            format!("model `{model_id}` has no validation metric with its baseline on its run"),
-        ));
-    };
-    let registry = ModelRegistry::new(state.registry, &state.provider);
-    let get_token = registry.getToken(model_id.to_owned());
-    let (entry, registered) = tokio::join!(state.journal.load(model_id), get_token.call());
-    let entry = entry.map_err(ApiError::redis)?;
-    if let (Some(_), Some(token)) = (&entry.event, entry.token_address) {
-        return Err(token_exists(model_id, Some(token)));
-    }
-    let registered = registered.map_err(|e| ApiError::upstream("the chain's RPC", e))?;
-    if registered != Address::ZERO {
-        return Err(token_exists(model_id, Some(registered)));
-    }
-    Ok(Deployable {
-        model,
-        metric,
-        baseline,
-        current,
-    })
-}
-
-async fn queue_deployment(
-    state: &ApiState,
-    who: &Authenticated,
-    req: &Checked,
-    acquired: &Acquired,
-) -> Result<DeployTokenResponse, ApiError> {
-    let deployment_id = acquired.deployment_id.as_str();
-    let Deployable {
-        model,
-        metric,
-        baseline,
-        current,
-    } = deployable(state, who, &req.model_id, req.user_address).await?;
-    Acquired::mark(&acquired.claim);
-    claim_model(state, &req.model_id, deployment_id).await?;
-    // The fees a worker would sign now, under the same cap: above it, nothing would be sent.
-    let costs = quote::costs(state)?;
-    let token_symbol = match &req.token_symbol {
-        Some(s) => s.clone(),
-        None => symbol::generated(
-            &state.redis,
-            &queue::symbols_key(&state.prefix),
-            &req.model_id,
-            true,
-        )
-        .await
-        .map_err(ApiError::redis)?
-        .ok_or_else(|| {
-            ApiError::invalid(
-                "token_symbol",
-                "unique",
-                "no free symbol could be generated for this model id; give a token_symbol",
-            )
-        })?,
-    };
-
-    // The same message the ML platform would send, validated by the same rules.
-    let now = message::rfc3339(chrono::Utc::now());
-    let improvement = if baseline != 0.0 {
-        (current - baseline) / baseline.abs() * 100.0
-    } else {
-        0.0
-    };
-    let mut payload = json!({
-        "model_id": req.model_id,
-        "token_symbol": token_symbol,
-        "metric_name": metric,
-        "baseline_value": baseline,
-        "current_value": current,
-        "model_name": model.name,
-        "model_version": model.version,
-        "mlflow_run_id": model.run_id,
-        "improvement_percentage": improvement,
-        "contributor_address": req.user_address.to_checksum(None),
-        "timestamp": now,
-        "message_version": "1.0",
-    });
-    if let Some(n) = &req.token_name {
-        payload["token_name"] = n.clone().into();
-    }
-    let msg = json!({
-        "message_id": deployment_id,
-        "message_type": message::MESSAGE_TYPE,
-        "payload": payload,
-        "timestamp": now,
-        "retry_count": 0,
-        "max_retries": state.settings.pipeline.max_retries,
-    })
-    .to_string();
-    let parsed = match message::parse(msg.as_bytes(), &state.rules) {
-        Ok(m) => m,
-        Err(r) => {
-            let field = r.field.trim_start_matches("payload.").to_owned();
-            return Err(if r.code == "THRESHOLD_NOT_MET" {
-                ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "MODEL_NOT_VALIDATED",
-                    r.message,
-                )
-                .details(json!({ "field": field, "rule": r.rule }))
-            } else {
-                ApiError::invalid(&field, &r.rule, r.message)
-            });
-        }
-    };
-
-    let body = DeployTokenResponse {
-        success: true,
-        deployment_id: deployment_id.to_owned(),
-        model_id: req.model_id.clone(),
-        estimated_confirmation_time: costs.confirmation_secs,
-        estimated_gas_cost: costs.max_cost_wei().to_string(),
-        status_url: format!(
-            "{}/api/deployments/{deployment_id}/status",
-            state.settings.api.public_url.trim_end_matches('/')
-        ),
-    };
-    let record = vec![
-        ("deployment_id", deployment_id.to_owned()),
-        ("model_id", req.model_id.clone()),
-        ("user_id", who.caller.user_id.clone()),
-        ("user_address", req.user_address.to_checksum(None)),
-        ("token_name", parsed.model.token_name.clone()),
-        ("token_symbol", parsed.model.chain_symbol.clone()),
-        (
-            "created_at",
-            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        ),
-        (
-            "response",
-            serde_json::to_string(&body).expect("always serializes"),
-        ),
-    ];
-    let ttl = (state.settings.api.deployment_ttl_days * 86_400) as i64;
-    let key = state.key("deployment", deployment_id);
-    let tx = state.redis.multi();
-    Acquired::mark(&acquired.commit);
-    let queued: Result<(), fred::error::Error> = async {
-        let _: () = tx.hset(&key, record).await?;
-        let _: () = tx.expire(&key, ttl, None).await?;
-        let _: () = tx.lpush(&state.settings.queues.inbound, msg).await?;
-        let _: () = tx.exec(true).await?;
-        Ok(())
-    }
-    .await;
-    queued.map_err(ApiError::redis)?;
-    info!(deployment_id, model_id = %req.model_id, user = %who.caller.user_id, "deployment queued");
-    Ok(body)
-}
-
-fn token_exists(model_id: &str, token: Option<Address>) -> ApiError {
-    let mut e = ApiError::new(
-        StatusCode::CONFLICT,
-        "TOKEN_EXISTS",
-        format!("model `{model_id}` already has a token"),
-    );
-    if let Some(t) = token {
-        e = e.details(json!({ "token_address": t.to_checksum(None) }));
-    }
-    e
-}
-
-/// Takes a model for one deployment at a time: a claim left by a deployment that failed is
-/// taken over, one that is still going (or done) is `TOKEN_EXISTS`.
-async fn claim_model(state: &ApiState, model_id: &str, id: &str) -> Result<(), ApiError> {
-    let key = state.key("api-model", model_id);
-    let ttl = Some(fred::types::Expiration::EX(
-        (state.settings.api.deployment_ttl_days * 86_400) as i64,
-    ));
-    let earlier: Option<String> = state
-        .redis
-        .set(
-            &key,
-            id,
-            ttl.clone(),
-            Some(fred::types::SetOptions::NX),
-            true,
-        )
-        .await
-        .map_err(ApiError::redis)?;
-    let Some(earlier) = earlier else {
-        return Ok(());
-    };
-    let failed: i64 = state
-        .redis
-        .exists(queue::outcome_key(&state.prefix, &earlier))
-        .await
-        .map_err(ApiError::redis)?;
-    if failed == 0 {
-        return Err(token_exists(model_id, None).details(json!({ "deployment_id": earlier })));
-    }
-    // Compare-and-set, so two retries after a failure cannot both take the model.
-    let took: i64 = state
-        .redis
-        .eval(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) return 1 end return 0",
-            vec![key],
-            vec![
-                earlier,
-                id.to_owned(),
-                (state.settings.api.deployment_ttl_days * 86_400).to_string(),
-            ],
-        )
-        .await
-        .map_err(ApiError::redis)?;
-    if took == 1 {
-        Ok(())
-    } else {
-        Err(token_exists(model_id, None))
-    }
-}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,12 +4,12 @@
 //! minutes, not a calendar hour.
 //!
 //! Three uses: the deployment quota (the caller's hour and day and the global hour, the
-//! circuit breaker), failed authentication per client address, and status/quote reads per
-//! user. A failed authentication is recorded by the same check-and-record script, so of
-//! concurrent failures from one address exactly the limit are answered `401` and the rest
-//! `429`; a request with good credentials only looks (an empty member records nothing), so
-//! it holds no slot, yet a throttled address gets `429` whatever it sends and cannot tell a
-//! good credential from a bad one.
+//! circuit breaker; the platform's webhook takes the global hour only), failed authentication
+//! per client address, and status/quote reads per user. A failed authentication is recorded
+//! by the same check-and-record script, so of concurrent failures from one address exactly
+//! the limit are answered `401` and the rest `429`; a request with good credentials only
+//! looks (an empty member records nothing), so it holds no slot, yet a throttled address gets
+//! `429` whatever it sends and cannot tell a good credential from a bad one.
 
 use fred::prelude::*;
 
@@ -101,8 +101,21 @@ impl Limiter {
         [
             format!("{}:user:{user}:hour", self.prefix),
             format!("{}:user:{user}:day", self.prefix),
-            format!("{}:global:hour", self.prefix),
+            self.global_key(),
         ]
+    }
+
+    fn global_key(&self) -> String {
+        format!("{}:global:hour", self.prefix)
+    }
+
+    fn global_window(&self) -> (String, Window, u32, u64) {
+        (
+            self.global_key(),
+            Window::Global,
+            self.settings.global_per_hour,
+            HOUR_MS,
+        )
     }
 
     fn auth_key(&self, client: &str) -> String {
@@ -169,21 +182,22 @@ impl Limiter {
         member: &str,
     ) -> Result<Decision, fred::error::Error> {
         let (per_hour, per_day) = self.limits_for(tier);
-        let [hour, day, global] = self.quota_keys(user);
+        let [hour, day, _] = self.quota_keys(user);
         self.take(
             &[
                 (hour, Window::UserHour, per_hour, HOUR_MS),
                 (day, Window::UserDay, per_day, DAY_MS),
-                (
-                    global,
-                    Window::Global,
-                    self.settings.global_per_hour,
-                    HOUR_MS,
-                ),
+                self.global_window(),
             ],
             member,
         )
         .await
+    }
+
+    /// Admits one deployment under the circuit breaker alone (the global hour): the ML
+    /// platform's webhook, which has no per-user quota. [`Limiter::refund`] gives it back too.
+    pub async fn admit_global(&self, member: &str) -> Result<Decision, fred::error::Error> {
+        self.take(&[self.global_window()], member).await
     }
 
     /// Gives back the slot `member` took: the request was refused after admission. A member

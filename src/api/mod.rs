@@ -11,10 +11,15 @@
 //!   rule that a contributor's address must be proven, single-use tokens and nonces.
 //! - [`limits`]: rolling-window limits in Redis (deployment quota, failed authentication,
 //!   reads).
-//! - [`deployment`]: `POST /api/deployments`.
+//! - [`deployment`]: `POST /api/deployments`: the body, the caller's rights, what it takes
+//!   once (and gives back when refused).
+//! - [`queueing`]: what every accepted order shares: pause, quota, the model's checks and the
+//!   queued message.
 //! - [`symbol`]: generated token symbols, unique among those issued.
 //! - [`status`]: `GET /api/deployments/{id}/status`.
 //! - [`quote`]: `GET /api/deployments/quote`, the gas estimate before the click.
+//! - [`webhooks`]: `POST /api/webhooks/model-registered`, the ML platform's signed
+//!   announcement of a registered model, deployed as a service's POST would be.
 //! - [`errors`]: error answers; each is counted, each refusal audited.
 //!
 //! The public port serves the API and `/health`, `/health/ready`; `/health/detailed` and
@@ -25,11 +30,13 @@ pub mod credentials;
 pub mod deployment;
 pub mod errors;
 pub mod limits;
+pub mod queueing;
 pub mod quote;
 pub mod routes;
 pub mod siwe;
 pub mod status;
 pub mod symbol;
+pub mod webhooks;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};

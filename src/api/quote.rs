@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::authorization::{self, ClientIp};
-use super::deployment::deployable;
 use super::errors::{ApiError, ErrorResponse, Request};
+use super::queueing::deployable;
 use super::{symbol, ApiState};
 use crate::chain::Market;
 use crate::queue;
@@ -200,7 +200,7 @@ async fn quote_inner(
     if let Some(p) = &who.siwe {
         state.nonce_unused(p).await?;
     }
-    deployable(state, &who, &model_id, user_address).await?;
+    deployable(state, &who, &model_id, Some(user_address)).await?;
     let c = costs(state)?;
     let token_symbol = symbol::generated(
         &state.redis,

@@ -18,10 +18,11 @@ use super::deployment::{self, DeployTokenRequest, DeployTokenResponse};
 use super::errors::{ApiError, ErrorBody, ErrorResponse};
 use super::quote::{self, QuoteResponse};
 use super::status::{self, DeploymentStatusResponse, StatusError};
+use super::webhooks::{self, ModelRegisteredEvent, RegisteredModel};
 use super::{authorization, ApiState};
 use crate::ops::OpsState;
 
-/// The API router: deployments, quotes, status, OpenAPI, and the public `/health` and
+/// The API router: deployments, quotes, status, the platform's webhook, OpenAPI, and the public `/health` and
 /// `/health/ready` of the ops state.
 pub fn router(state: Arc<ApiState>, ops: Arc<OpsState>) -> Router {
     let s = &state.settings.api;
@@ -68,6 +69,11 @@ pub fn router(state: Arc<ApiState>, ops: Arc<OpsState>) -> Router {
         )
         .route("/api/deployments/quote", get(quote::quote))
         .route("/api/deployments/{id}/status", get(status::status))
+        .route(
+            webhooks::ROUTE,
+            post(webhooks::model_registered)
+                .layer(axum::extract::DefaultBodyLimit::max(s.max_body_bytes)),
+        )
         .route("/api/openapi.json", get(openapi_json))
         .with_state(state.clone())
         .merge(crate::ops::public_router(ops))
@@ -125,10 +131,17 @@ async fn openapi_json() -> Response {
         description = "Deploys an ERC-20 token for a validated model (seed 000). See docs/api.md.",
         version = "1.0.0"
     ),
-    paths(deployment::create, quote::quote, status::status),
+    paths(
+        deployment::create,
+        quote::quote,
+        status::status,
+        webhooks::model_registered
+    ),
     components(schemas(
         DeployTokenRequest,
         DeployTokenResponse,
+        ModelRegisteredEvent,
+        RegisteredModel,
         QuoteResponse,
         DeploymentStatusResponse,
         StatusError,

@@ -17,3 +17,4 @@ mod kms;
 mod ops;
 mod pipeline;
 mod redis_tls;
+mod webhooks;
