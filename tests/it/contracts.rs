@@ -429,6 +429,32 @@ async fn a_worker_without_its_roles_refuses_to_start_and_names_them() {
         e.contains("chain.token_manager_address") && e.contains("is not a TokenManager"),
         "{e}"
     );
+    // A manager wired to an address that is no registry: the interface probe names it.
+    let (owner, _) = wallet_provider(&stack, ANVIL_DEV_KEY);
+    let bogus = Address::repeat_byte(0x42);
+    let stray = TokenManager::deploy(
+        &owner,
+        bogus,
+        stack.boot.token_implementation,
+        alloy::primitives::B256::ZERO,
+    )
+    .await
+    .unwrap();
+    let e = run(vec![
+        (
+            "HOKUSAI__CHAIN__TOKEN_MANAGER_ADDRESS".into(),
+            stray.address().to_string(),
+        ),
+        (
+            "HOKUSAI__CHAIN__MODEL_REGISTRY_ADDRESS".into(),
+            bogus.to_string(),
+        ),
+    ])
+    .await;
+    assert!(
+        e.contains("chain.model_registry_address") && e.contains("is not a ModelRegistry"),
+        "{e}"
+    );
     // A registry address that is not the manager's: named, with the address to set.
     let e = run(vec![(
         "HOKUSAI__CHAIN__MODEL_REGISTRY_ADDRESS".into(),
