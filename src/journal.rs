@@ -281,16 +281,7 @@ impl Journal {
                 ],
             )
             .await?;
-        let _: () = tx
-            .zadd(
-                self.watch_key(signer),
-                None,
-                None,
-                false,
-                false,
-                (block as f64, model_id),
-            )
-            .await?;
+        self.watch_at(&tx, signer, model_id, block).await?;
         let _: Vec<Value> = tx.exec(true).await?;
         Ok(())
     }
@@ -329,8 +320,18 @@ impl Journal {
         if !self.enabled {
             return Ok(());
         }
-        let _: () = self
-            .client
+        self.watch_at(&self.client, signer, model_id, block).await
+    }
+
+    /// Puts the model in `signer`'s watch set, scored by `block` (on a client or a MULTI).
+    async fn watch_at<C: SortedSetsInterface + Sync>(
+        &self,
+        on: &C,
+        signer: Address,
+        model_id: &str,
+        block: u64,
+    ) -> Result<(), JournalError> {
+        let _: () = on
             .zadd(
                 self.watch_key(signer),
                 None,

@@ -552,21 +552,21 @@ async fn detailed(State(s): State<Arc<OpsState>>) -> Response {
 }
 
 async fn metrics_text(State(s): State<Arc<OpsState>>) -> Response {
-    let Some(_) = &s.metrics else {
-        return (
+    match s.render_metrics().await {
+        Some(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        None => (
             StatusCode::NOT_FOUND,
             "metrics are not enabled in this process\n",
         )
-            .into_response();
-    };
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        s.render_metrics().await.unwrap_or_default(),
-    )
-        .into_response()
+            .into_response(),
+    }
 }
 
 impl OpsState {

@@ -71,7 +71,7 @@ pub struct Chain {
     /// awaited outside it, so many transactions are in flight at once.
     send_lock: Mutex<Nonces>,
     /// The last head read and when (see [`Chain::head`]).
-    head: Mutex<Option<(Instant, (u64, B256))>>,
+    head: Mutex<Option<(Instant, Header)>>,
     /// Block hashes by height read since the instant, for one poll interval
     /// ([`Chain::canonical_hash`]).
     hashes: Mutex<(Instant, std::collections::HashMap<u64, B256>)>,
@@ -316,8 +316,9 @@ impl Chain {
 
     /// The latest block number, read at most once per poll interval however many
     /// transactions are being awaited: waiters share one reading.
-    /// Its hash tells a block replaced at the same height (a one-block reorganisation).
-    async fn head(&self) -> Result<(u64, B256), ChainError> {
+    /// Its hash tells a block replaced at the same height (a one-block reorganisation); the
+    /// reorg watch follows the chain from the same reading.
+    pub async fn head(&self) -> Result<Header, ChainError> {
         let mut h = self.head.lock().await;
         if let Some((at, n)) = *h {
             if at.elapsed() < self.poll_interval {
@@ -328,9 +329,8 @@ impl Chain {
             .header(BlockNumberOrTag::Latest)
             .await?
             .ok_or(ChainError::Rpc(RpcError::NullResp))?;
-        let n = (latest.number, latest.hash);
-        *h = Some((Instant::now(), n));
-        Ok(n)
+        *h = Some((Instant::now(), latest));
+        Ok(latest)
     }
 
     /// Waits for a receipt of any version of a transaction and the configured confirmations,
@@ -347,16 +347,16 @@ impl Chain {
     ) -> Result<Waited, ChainError> {
         // (head, lookups at it): a receipt is looked up when a block appears and once more a
         // poll later, for nodes that announce a block before its receipts can be read.
-        let mut checked: Option<((u64, B256), u8)> = None;
+        let mut checked: Option<(Header, u8)> = None;
         let mut heads = 0u32;
         let mut pool_checked = Instant::now();
         // The block (number, hash) the transaction was last seen in.
         let mut seen: Option<(u64, B256)> = None;
         let mut pool_due = false;
-        let mut pool_head: Option<(u64, B256)> = None;
+        let mut pool_head: Option<Header> = None;
         loop {
             let head_block = self.head().await?;
-            let head = head_block.0;
+            let head = head_block.number;
             let lookups = match checked {
                 Some((h, n)) if h == head_block => n,
                 _ => 0,
@@ -395,7 +395,7 @@ impl Chain {
                         // Counted only while its block is the chain's at that height (the
                         // head's own hash when it is the head: no call).
                         let canonical = if block == head {
-                            Some(head_block.1)
+                            Some(head_block.hash)
                         } else {
                             self.canonical_hash(block).await?
                         };
@@ -528,7 +528,7 @@ impl Chain {
 
     /// The network's fees ([`Market::read`]), read at most once per head whoever asks.
     async fn market(&self) -> Result<Market, ChainError> {
-        let (head, _) = self.head().await?;
+        let head = self.head().await?.number;
         let mut cached = self.market.lock().await;
         if let Some((at, m)) = *cached {
             if at == head {

@@ -59,9 +59,8 @@ impl Deployer {
                 _ = tokio::time::sleep(tick) => {}
                 _ = stop.cancelled() => break,
             }
-            let latest = match self.chain.header(BlockNumberOrTag::Latest).await {
-                Ok(Some(h)) => h,
-                Ok(None) => continue,
+            let latest = match self.chain.head().await {
+                Ok(h) => h,
                 Err(e) => {
                     tracing::debug!(error = %e, "reorg watch: head not read");
                     continue;
@@ -280,7 +279,7 @@ impl Deployer {
                     .await;
                 // Watched as of the head until the new event replaces it: a crash from here on
                 // leaves the model to be found and deployed again by the next start.
-                let head = self.chain.header(BlockNumberOrTag::Latest).await?.map_or(b, |h| h.number);
+                let head = self.chain.head().await?.number;
                 self.journal.rewatch(self.chain.signer, model_id, head).await?;
                 self.journal.clear_event(model_id).await?;
             } else if block.is_some() {

@@ -93,6 +93,20 @@ pub(crate) struct Answer {
     pub body: Value,
 }
 
+impl Answer {
+    /// Status, headers and the JSON body (null when there is none).
+    pub(crate) async fn read(r: reqwest::Response) -> Answer {
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let body = r.json().await.unwrap_or(Value::Null);
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+}
+
 pub(crate) async fn post(
     api: &Daemon,
     token: Option<&str>,
@@ -109,15 +123,7 @@ pub(crate) async fn post(
     for (k, v) in extra {
         r = r.header(*k, *v);
     }
-    let r = r.send().await.expect("the API answers");
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    let body = r.json().await.unwrap_or(Value::Null);
-    Answer {
-        status,
-        headers,
-        body,
-    }
+    Answer::read(r.send().await.expect("the API answers")).await
 }
 
 pub(crate) async fn status_of(api: &Daemon, token: &str, id: &str) -> (u16, Value) {

@@ -107,15 +107,7 @@ async fn deliver(api: &Daemon, body: &[u8], headers: &[(&str, &str)]) -> Answer 
     for (k, v) in headers {
         r = r.header(*k, *v);
     }
-    let r = r.send().await.expect("the API answers");
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    let body = r.json().await.unwrap_or(Value::Null);
-    Answer {
-        status,
-        headers,
-        body,
-    }
+    Answer::read(r.send().await.expect("the API answers")).await
 }
 
 /// A delivery as the publisher sends it: its key and signature headers.
