@@ -2,7 +2,8 @@
 //! (`redis-server --aclfile`) from the configured queue names, so the rules follow the
 //! configuration instead of being copied by hand.
 //!
-//! Every user is limited to the service's keys, gets no Pub/Sub channel and no command of
+//! Every user is limited to the service's keys, to the one Pub/Sub channel of deployment
+//! progress (workers publish, API processes subscribe; viewers get none) and to no command of
 //! `@dangerous` (FLUSHALL, KEYS, CONFIG, DEBUG, MONITOR, ACL, ...). The default user is
 //! switched off, so a client without credentials can do nothing but authenticate.
 
@@ -97,12 +98,24 @@ pub fn user_line(role: Role, q: &QueueSettings, password: Option<&Secret>) -> St
         None => "off".to_owned(),
     };
     let keys: Vec<String> = role.keys(q).iter().map(|k| format!("~{k}")).collect();
+    let channel = match role {
+        Role::Viewer => String::new(),
+        _ => format!(
+            " &{}",
+            glob_escape(&crate::queue::progress_channel(&q.state_prefix))
+        ),
+    };
+    let pubsub = match role {
+        Role::Viewer => "",
+        _ => " +@pubsub",
+    };
     // Rules apply left to right: each reset comes before what it resets.
     format!(
-        "user {} resetpass {login} resetkeys resetchannels {} {}",
+        "user {} resetpass {login} resetkeys resetchannels{channel} {} {}",
         role.user(),
         keys.join(" "),
         role.commands()
+            .replace(" -@dangerous", &format!("{pubsub} -@dangerous"))
     )
 }
 
@@ -178,6 +191,17 @@ mod tests {
             assert!(line.ends_with("-@dangerous"), "{line}");
             assert!(line.contains(" resetchannels "), "{line}");
         }
+        for line in &lines[1..4] {
+            assert!(
+                line.contains(" resetchannels &hokusai:deployer:progress ")
+                    && line.contains(" +@pubsub "),
+                "{line}"
+            );
+        }
+        assert!(
+            !viewer.contains('&') && !viewer.contains("@pubsub"),
+            "{viewer}"
+        );
     }
 
     #[test]

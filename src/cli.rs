@@ -77,6 +77,11 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// The outbound webhook deliveries that spent their attempts: list, show, send again, purge.
+    Webhooks {
+        #[command(subcommand)]
+        command: WebhooksCommand,
+    },
     /// Queue depths, workers and the pause flag.
     Queue {
         #[command(subcommand)]
@@ -147,6 +152,38 @@ pub enum DlqCommand {
         who: Operator,
     },
     /// Delete every dead letter.
+    Purge {
+        /// Required: purging cannot be undone.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        who: Operator,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// List the webhook dead-letter list, newest first, and the deliveries still pending.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+        /// One stored job (JSON) per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the dead deliveries with this job id, event id or deployment id, body included.
+    Show { id: String },
+    /// Send dead deliveries again (same event id and body, a fresh set of attempts).
+    Requeue {
+        /// A job id, event id or deployment id.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        who: Operator,
+    },
+    /// Delete every dead delivery.
     Purge {
         /// Required: purging cannot be undone.
         #[arg(long)]
@@ -229,6 +266,11 @@ fn load(cli: &Cli) -> anyhow::Result<Settings> {
     Ok(Settings::load(Sources::process(cli.config.as_deref()))?)
 }
 
+/// [`load`], with the webhook endpoints' signing secrets read: for the processes that sign.
+fn load_signing(cli: &Cli) -> anyhow::Result<Settings> {
+    Ok(load(cli)?.with_webhook_secrets(&|var| std::env::var(var).ok())?)
+}
+
 fn require_key(settings: &Settings) -> anyhow::Result<Secret> {
     settings.private_key()?.context(
         "no deployer key: set HOKUSAI__CHAIN__PRIVATE_KEY (or DEPLOYER_PRIVATE_KEY) or chain.private_key_file",
@@ -242,7 +284,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             drain_secs,
             unsafe_no_journal,
         } => {
-            let settings = load(&cli)?;
+            let settings = load_signing(&cli)?;
             telemetry::init(&settings.log);
             settings.contract_addresses()?;
             let keys = settings.deployer_keys()?;
@@ -272,7 +314,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             let ops_state = ops::OpsState::for_api(&settings, Some(metrics), state.mlflow())?;
             let listener = crate::api::bind(&settings).await?;
             let ops_listener = ops::bind(&settings).await?;
-            tracing::info!(addr = %listener.local_addr()?, "API listening (/api/deployments, /api/deployments/quote, /api/openapi.json, /health, /health/ready)");
+            tracing::info!(addr = %listener.local_addr()?, "API listening (/api/deployments, /api/deployments/quote, /api/deployments/{{id}}/status, /api/deployments/{{id}}/events, /api/webhooks/model-registered, /api/openapi.json, /health, /health/ready)");
             tracing::info!(addr = %ops_listener.local_addr()?, "ops server listening (/health, /health/ready, /health/detailed, /metrics)");
             let ops_task = tokio::spawn(ops::serve(
                 ops_listener,
@@ -364,7 +406,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             Ok(())
         }
         Command::CheckConfig => {
-            let settings = load(&cli)?;
+            let settings = load_signing(&cli)?;
             if let Err(e) = settings.contract_addresses() {
                 eprintln!("warning: {e}");
             }
@@ -423,6 +465,7 @@ pub async fn dispatch(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<(
             Ok(())
         }
         Command::Dlq { command } => dlq(&cli, command).await,
+        Command::Webhooks { command } => webhooks(&cli, command).await,
         Command::Queue {
             command: QueueCommand::Stats { json },
         } => {
@@ -602,6 +645,84 @@ async fn dlq(cli: &Cli, command: &DlqCommand) -> anyhow::Result<()> {
             }
         }
     };
+    let _ = client.quit().await;
+    r
+}
+
+async fn webhooks(cli: &Cli, command: &WebhooksCommand) -> anyhow::Result<()> {
+    use crate::webhooks::Store;
+    let operator = match command {
+        WebhooksCommand::Requeue { who, .. } | WebhooksCommand::Purge { who, .. } => {
+            who.operator.as_str()
+        }
+        _ => "read-only",
+    };
+    let settings = load(cli)?;
+    let client = connect(&settings).await?;
+    let audit = crate::audit::Audit::new(client.clone(), &settings, format!("operator:{operator}"));
+    let store = Store::new(client.clone(), &settings.queues.state_prefix, "operator");
+    let r = async {
+        match command {
+            WebhooksCommand::List { limit, json } => {
+                let jobs = store.dead_list(*limit).await?;
+                for j in &jobs {
+                    if *json {
+                        println!("{}", j.to_json());
+                    } else {
+                        println!(
+                            "{}  {}  {}  deployment={}  attempts={}  last={}  dead_at={}",
+                            j.job_id,
+                            j.event_type,
+                            j.target,
+                            j.deployment_id,
+                            j.attempts,
+                            j.last_error.as_deref().unwrap_or("-"),
+                            j.dead_at.as_deref().unwrap_or("-"),
+                        );
+                    }
+                }
+                if !*json {
+                    let d = store.depths().await?;
+                    eprintln!(
+                        "{} shown; dead {}, ready {}, scheduled for a retry {}",
+                        jobs.len(),
+                        d.dead,
+                        d.ready,
+                        d.scheduled
+                    );
+                }
+                Ok(())
+            }
+            WebhooksCommand::Show { id } => {
+                let jobs = store.dead_show(id).await?;
+                anyhow::ensure!(!jobs.is_empty(), "no dead webhook delivery with id {id}");
+                for j in jobs {
+                    println!("{}", serde_json::to_string_pretty(&j)?);
+                }
+                Ok(())
+            }
+            WebhooksCommand::Requeue { id, .. } => {
+                let moved = store.requeue(id.as_deref(), &audit).await?;
+                println!("requeued {moved} delivery(ies)");
+                match id {
+                    Some(id) if moved == 0 => {
+                        Err(anyhow::anyhow!("no dead webhook delivery with id {id}"))
+                    }
+                    _ => Ok(()),
+                }
+            }
+            WebhooksCommand::Purge { yes, .. } => {
+                anyhow::ensure!(
+                    *yes,
+                    "purging deletes every dead webhook delivery for good; add --yes to confirm"
+                );
+                let n = store.purge(&audit).await?;
+                println!("purged {n} dead delivery(ies)");
+                Ok(())
+            }
+        }
+    }
+    .await;
     let _ = client.quit().await;
     r
 }

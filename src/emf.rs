@@ -97,6 +97,20 @@ pub const METRICS: &[Metric] = &[
     m("FeesPaidGwei", "None", n::FEES_PAID, None, Kind::Delta),
     m("Reorgs", "Count", n::REORGS, None, Kind::Delta),
     m(
+        "WebhookDeliveries",
+        "Count",
+        n::WEBHOOK_DELIVERIES,
+        Some(("result", "Result")),
+        Kind::Delta,
+    ),
+    m(
+        "WebhookDeadLetters",
+        "Count",
+        n::WEBHOOK_DEAD,
+        None,
+        Kind::Gauge,
+    ),
+    m(
         "ApiErrors",
         "Count",
         n::API_ERRORS,

@@ -3,6 +3,9 @@
 //! of starting over. A signed transaction is re-broadcast byte-identical (same hash) and
 //! rebuilt only once its nonce is provably used by another transaction, when it can no longer
 //! land. A finished model keeps its event, so a redelivery re-publishes the identical event.
+//! Each write a status reader sees (the transaction, the event, the event's removal) also
+//! publishes the model id on [`crate::queue::progress_channel`], in the same round trip, for
+//! the API's live status streams.
 
 use std::collections::HashMap;
 
@@ -96,6 +99,8 @@ pub struct Journal {
     symbols: String,
     /// `<state_prefix>:reorg_watch`, one sorted set per signer below it.
     watch: String,
+    /// [`crate::queue::progress_channel`]: the model id goes there at each transition.
+    progress: String,
     /// Off only in the test that proves the journal is what prevents double deployments.
     enabled: bool,
 }
@@ -107,6 +112,7 @@ impl Journal {
             prefix: format!("{state_prefix}:journal"),
             symbols: crate::queue::symbols_key(state_prefix),
             watch: format!("{state_prefix}:reorg_watch"),
+            progress: crate::queue::progress_channel(state_prefix),
             enabled,
         }
     }
@@ -208,7 +214,8 @@ impl Journal {
     }
 
     /// Records the signed transaction (or a replacement, with the hashes it replaced) and the
-    /// token's predicted address; called before it is broadcast.
+    /// token's predicted address; called before it is broadcast. The model id is published on
+    /// the progress channel in the same pipeline (one round trip, after the write).
     pub async fn record_tx(
         &self,
         model_id: &str,
@@ -238,7 +245,10 @@ impl Journal {
             // The step's first transaction: when it began.
             fields.push((format!("{p}_at"), now_ms()));
         }
-        let _: () = self.client.hset(self.key(model_id), fields).await?;
+        let p = self.client.pipeline();
+        let _: () = p.hset(self.key(model_id), fields).await?;
+        let _: () = p.publish(&self.progress, model_id).await?;
+        let _: Vec<Value> = p.all().await?;
         Ok(())
     }
 
@@ -257,7 +267,8 @@ impl Journal {
 
     /// Stores the event before it is published, so every re-publication is identical, and
     /// puts the model under the reorg watch of the transaction's signer, in one transaction:
-    /// no event is ever recorded unwatched.
+    /// no event is ever recorded unwatched. The same transaction publishes the model id on the
+    /// progress channel.
     pub async fn record_event(
         &self,
         model_id: &str,
@@ -282,24 +293,28 @@ impl Journal {
             )
             .await?;
         self.watch_at(&tx, signer, model_id, block).await?;
+        let _: () = tx.publish(&self.progress, model_id).await?;
         let _: Vec<Value> = tx.exec(true).await?;
         Ok(())
     }
 
     /// Forgets the event of a deployment a reorganisation removed from the chain: until it is
     /// deployed again, status shows it in progress. It stays under watch, so a crash before the
-    /// new event is recorded leaves it to be found again.
+    /// new event is recorded leaves it to be found again. The model id is published on the
+    /// progress channel in the same pipeline.
     pub async fn clear_event(&self, model_id: &str) -> Result<(), JournalError> {
         if !self.enabled {
             return Ok(());
         }
-        let _: () = self
-            .client
+        let p = self.client.pipeline();
+        let _: () = p
             .hdel(
                 self.key(model_id),
                 vec!["event", "event_at", "event_block", "event_block_hash"],
             )
             .await?;
+        let _: () = p.publish(&self.progress, model_id).await?;
+        let _: Vec<Value> = p.all().await?;
         Ok(())
     }
 

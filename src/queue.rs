@@ -33,12 +33,15 @@ impl QueueError {
     }
 }
 
-/// Requeues a dead worker's processing list unless its heartbeat came back.
-/// KEYS: heartbeat, processing list, inbound, workers set. ARGV: worker id.
+/// Requeues a dead worker's processing list, and its webhook deliveries under way, unless its
+/// heartbeat came back.
+/// KEYS: heartbeat, processing list, inbound, workers set, webhook processing list, webhook
+/// ready list. ARGV: worker id.
 const REAP_SCRIPT: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 local n = 0
 while redis.call('LMOVE', KEYS[2], KEYS[3], 'LEFT', 'RIGHT') do n = n + 1 end
+while redis.call('LMOVE', KEYS[5], KEYS[6], 'LEFT', 'RIGHT') do n = n + 1 end
 redis.call('SREM', KEYS[4], ARGV[1])
 return n
 "#;
@@ -246,6 +249,8 @@ pub struct Queues {
     pub outbound: String,
     pub failures: String,
     state_prefix: String,
+    /// Where webhook deliveries are queued (in the same step as the event they carry).
+    webhooks: crate::webhooks::Keys,
     pub worker_id: String,
     /// Random per process start: tells a restarted worker's locks from its predecessor's.
     pub instance: String,
@@ -265,6 +270,7 @@ impl Queues {
             outbound: q.outbound.clone(),
             failures: q.failures.clone(),
             state_prefix: q.state_prefix.clone(),
+            webhooks: crate::webhooks::Keys::new(&q.state_prefix),
             worker_id,
             instance: uuid::Uuid::new_v4().simple().to_string(),
             blocking_timeout: settings.redis.blocking_timeout_secs as f64,
@@ -350,34 +356,52 @@ impl Queues {
         Ok(())
     }
 
-    /// Publishes the event and removes the message in one transaction.
-    pub async fn ack_with_event(&self, raw: &[u8], event: &str) -> Result<(), QueueError> {
+    /// Publishes the event, queues its webhook deliveries and removes the message, in one
+    /// transaction.
+    pub async fn ack_with_event(
+        &self,
+        raw: &[u8],
+        event: &str,
+        webhooks: &[String],
+    ) -> Result<(), QueueError> {
         let tx = self.redis.commands.multi();
         let _: () = tx.lpush(&self.outbound, event).await?;
+        if !webhooks.is_empty() {
+            let _: () = tx.lpush(&self.webhooks.ready, webhooks.to_vec()).await?;
+        }
         let _: () = tx.lrem(&self.processing, 1, raw).await?;
         timed("ack", tx.exec::<Value>(true)).await?;
         Ok(())
     }
 
     /// Publishes an event that no message waits on (a deployment made again after a
-    /// reorganisation).
-    pub async fn publish(&self, event: &str) -> Result<(), QueueError> {
-        let _: () = timed("publish", self.redis.commands.lpush(&self.outbound, event)).await?;
+    /// reorganisation), with its webhook deliveries.
+    pub async fn publish(&self, event: &str, webhooks: &[String]) -> Result<(), QueueError> {
+        let tx = self.redis.commands.multi();
+        let _: () = tx.lpush(&self.outbound, event).await?;
+        if !webhooks.is_empty() {
+            let _: () = tx.lpush(&self.webhooks.ready, webhooks.to_vec()).await?;
+        }
+        timed("publish", tx.exec::<Value>(true)).await?;
         Ok(())
     }
 
     /// Dead-letters a message in one `MULTI`: the DLQ entry, the failure event, the message's
-    /// outcome (read by the API's status endpoint, kept [`OUTCOME_TTL_SECS`]) and the removal
-    /// from our processing list.
+    /// outcome (read by the API's status endpoint, kept [`OUTCOME_TTL_SECS`]), its webhook
+    /// deliveries and the removal from our processing list.
     pub async fn dead_letter(
         &self,
         raw: &[u8],
         message_id: &str,
         entry: &str,
         failure_event: &str,
+        webhooks: &[String],
     ) -> Result<(), QueueError> {
         let tx = self.redis.commands.multi();
         let _: () = tx.lpush(&self.dlq, entry).await?;
+        if !webhooks.is_empty() {
+            let _: () = tx.lpush(&self.webhooks.ready, webhooks.to_vec()).await?;
+        }
         let _: () = tx.lpush(&self.failures, failure_event).await?;
         let _: () = tx
             .set(
@@ -389,21 +413,23 @@ impl Queues {
             )
             .await?;
         let _: () = tx.lrem(&self.processing, 1, raw).await?;
+        let _: () = tx
+            .publish(progress_channel(&self.state_prefix), message_id)
+            .await?;
         timed("dead_letter", tx.exec::<Value>(true)).await?;
         Ok(())
     }
 
     /// Requeues items of our processing list that no job of ours holds (see [`SWEEP_SCRIPT`]).
     pub async fn sweep_orphans(&self, in_flight: Vec<Vec<u8>>) -> Result<u64, QueueError> {
-        let args = in_flight
-            .into_iter()
-            .map(|m| Value::Bytes(m.into()))
-            .collect();
-        self.script(
+        timed(
             "sweep",
-            SWEEP_SCRIPT,
-            vec![self.processing.clone(), self.inbound.clone()],
-            args,
+            sweep(
+                &self.redis.commands,
+                &self.processing,
+                &self.inbound,
+                in_flight,
+            ),
         )
         .await
     }
@@ -458,6 +484,8 @@ impl Queues {
                 processing_key(&self.processing_prefix, w),
                 self.inbound.clone(),
                 self.workers_key(),
+                self.webhooks.processing(w),
+                self.webhooks.ready.clone(),
             ];
             let n: i64 = self
                 .script("reap", REAP_SCRIPT, keys, vec![w.as_str().into()])
@@ -556,6 +584,29 @@ pub async fn delete_if_holds(client: &Client, key: &str, owner: &str) -> Result<
     Ok(())
 }
 
+/// Moves every item of `processing` that is not among `in_flight` (counted with multiplicity)
+/// to the consumer's end of `queue`: after a `BLMOVE` whose answer was lost, the item the
+/// server moved is found and given back. Run only while no `BLMOVE` on `processing` is
+/// outstanding.
+pub async fn sweep(
+    client: &Client,
+    processing: &str,
+    queue: &str,
+    in_flight: Vec<Vec<u8>>,
+) -> Result<u64, fred::error::Error> {
+    let args: Vec<Value> = in_flight
+        .into_iter()
+        .map(|m| Value::Bytes(m.into()))
+        .collect();
+    client
+        .eval(
+            SWEEP_SCRIPT,
+            vec![processing.to_owned(), queue.to_owned()],
+            args,
+        )
+        .await
+}
+
 /// Key names of the state shared by workers and operator commands, spelled in one place.
 pub fn workers_key(state_prefix: &str) -> String {
     format!("{state_prefix}:workers")
@@ -578,6 +629,16 @@ pub fn outcome_key(state_prefix: &str, message_id: &str) -> String {
 /// must differ from (the journal records each deployed model's symbol here).
 pub fn symbols_key(state_prefix: &str) -> String {
     format!("{state_prefix}:symbols")
+}
+
+/// The Pub/Sub channel of deployment progress: workers publish on it at each transition a
+/// status reader sees: the model id when its transaction or event is journaled, the message
+/// id when it is dead-lettered (a refused message may name no model). Every API process's
+/// live-status streams (`GET /api/deployments/{id}/events`) re-read a deployment's status when
+/// its model id or its own id arrives. A hint, not the record: a lost one is covered by the streams'
+/// periodic re-read.
+pub fn progress_channel(state_prefix: &str) -> String {
+    format!("{state_prefix}:progress")
 }
 
 pub fn pause_key(state_prefix: &str) -> String {

@@ -59,6 +59,10 @@ pub mod names {
     pub const BREAKER_STATE: &str = "hokusai_chain_breaker_state";
     pub const UNFUNDED: &str = "hokusai_deployer_unfunded";
     pub const REORGS: &str = "hokusai_reorgs_total";
+    pub const WEBHOOK_DELIVERIES: &str = "hokusai_webhook_deliveries_total";
+    pub const WEBHOOK_LATENCY: &str = "hokusai_webhook_delivery_latency_seconds";
+    pub const WEBHOOK_PENDING: &str = "hokusai_webhook_pending";
+    pub const WEBHOOK_DEAD: &str = "hokusai_webhook_dead_letters";
 
     /// Every metric this process may expose (dashboards and rules are checked against it).
     pub const ALL: &[&str] = &[
@@ -89,6 +93,10 @@ pub mod names {
         BREAKER_STATE,
         UNFUNDED,
         REORGS,
+        WEBHOOK_DELIVERIES,
+        WEBHOOK_LATENCY,
+        WEBHOOK_PENDING,
+        WEBHOOK_DEAD,
     ];
 }
 
@@ -112,6 +120,13 @@ pub fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::Promethe
         .set_buckets_for_metric(
             Matcher::Full(names::DEPLOYMENT_DURATION.into()),
             &deployment,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(names::WEBHOOK_LATENCY.into()),
+            &[
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0,
+                21600.0, 86400.0,
+            ],
         )?
         .set_buckets_for_metric(
             Matcher::Suffix("_request_duration_seconds".into()),
@@ -150,6 +165,22 @@ fn describe() {
     describe_histogram!(
         DEPLOYMENT_DURATION,
         "Seconds from a message taken off the queue to its token_deployed event published."
+    );
+    describe_counter!(
+        WEBHOOK_DELIVERIES,
+        "Outbound webhook requests by result: delivered (2xx), retry (another attempt is scheduled), dead (attempts spent, to the webhook dead-letter list), gone (410 from a callback, which is then disabled)."
+    );
+    describe_histogram!(
+        WEBHOOK_LATENCY,
+        "Seconds from an outbound event to the receiver's 2xx, retries included."
+    );
+    describe_gauge!(
+        WEBHOOK_PENDING,
+        "Outbound deliveries waiting: ready, scheduled for a retry, or being sent."
+    );
+    describe_gauge!(
+        WEBHOOK_DEAD,
+        "Outbound deliveries in the webhook dead-letter list (hokusai-deployer webhooks list)."
     );
     describe_counter!(
         RETRIES,

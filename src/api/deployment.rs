@@ -62,6 +62,11 @@ pub struct DeployTokenRequest {
     /// The message's EIP-191 signature, 65 bytes in hex.
     #[schema(pattern = r"^(0x)?[0-9a-fA-F]{130}$")]
     pub siwe_signature: Option<String>,
+    /// Where to POST this deployment's outcome (`deployment.completed` or
+    /// `deployment.failed`, signed with the service's callback secret; docs/webhooks.md). HTTPS,
+    /// and its host must not resolve to a loopback, private, link-local or metadata address.
+    #[schema(max_length = 2048, example = "https://app.example.com/hooks/hokusai")]
+    pub callback_url: Option<String>,
 }
 
 /// Seed 000's response to a deployment request.
@@ -164,6 +169,9 @@ async fn create_inner(
     let request = Checked::from(req)?;
     if let Some(a) = request.user_address {
         who.may_name(a)?;
+    }
+    if let Some(u) = &request.callback_url {
+        check_callback(state, u).await?;
     }
 
     let idem = match headers.get("idempotency-key") {
@@ -380,6 +388,33 @@ pub(super) struct Checked {
     pub token_name: Option<String>,
     /// As the caller gave it; `None`: generated when the deployment is queued.
     pub token_symbol: Option<String>,
+    /// Checked by [`check_callback`] before anything is queued.
+    pub callback_url: Option<String>,
+}
+
+/// A request's `callback_url`: refused unless callbacks are on (`webhooks.callback_secret`)
+/// and the URL passes the delivery rules (HTTPS, a public address; see
+/// [`crate::webhooks::target`]).
+async fn check_callback(state: &ApiState, url: &str) -> Result<(), ApiError> {
+    let w = &state.settings.webhooks;
+    if w.callback_secret.is_none() {
+        return Err(ApiError::invalid(
+            "callback_url",
+            "disabled",
+            "this service sends no callbacks; poll status_url or subscribe to its events instead",
+        ));
+    }
+    crate::webhooks::target::Guard::new(&w.allow_hosts)
+        .check(url)
+        .await
+        .map(|_| ())
+        .map_err(|reason| {
+            ApiError::invalid(
+                "callback_url",
+                "public_https",
+                format!("callback_url is refused: {reason}"),
+            )
+        })
 }
 
 impl Checked {
@@ -429,6 +464,7 @@ impl Checked {
             user_address: Some(user_address),
             token_name: r.token_name,
             token_symbol,
+            callback_url: r.callback_url,
         })
     }
 }

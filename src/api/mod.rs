@@ -17,6 +17,9 @@
 //!   queued message.
 //! - [`symbol`]: generated token symbols, unique among those issued.
 //! - [`status`]: `GET /api/deployments/{id}/status`.
+//! - [`events`]: `GET /api/deployments/{id}/events`, the same status live (Server-Sent
+//!   Events), woken by the workers' Redis Pub/Sub notifications through one subscriber per
+//!   process.
 //! - [`quote`]: `GET /api/deployments/quote`, the gas estimate before the click.
 //! - [`webhooks`]: `POST /api/webhooks/model-registered`, the ML platform's signed
 //!   announcement of a registered model, deployed as a service's POST would be.
@@ -29,6 +32,7 @@ pub mod authorization;
 pub mod credentials;
 pub mod deployment;
 pub mod errors;
+pub mod events;
 pub mod limits;
 pub mod queueing;
 pub mod quote;
@@ -90,6 +94,8 @@ pub struct ApiState {
     /// The chain's `chain.confirmations` (setting, else network table), for quotes.
     confirmations: u64,
     prefix: String,
+    /// The progress channel's subscriber and its fan-out to the live status streams.
+    notifications: events::Notifications,
 }
 
 impl ApiState {
@@ -97,6 +103,8 @@ impl ApiState {
         let auth = Authenticator::new(settings)?;
         let redis = queue::client(settings)?;
         redis.init().await?;
+        let notifications =
+            events::Notifications::start(&redis, &settings.queues.state_prefix).await?;
         let provider = chain::provider(settings)?;
         let chain_id = provider.get_chain_id().await?;
         let (registry, _) = settings.contract_addresses()?;
@@ -132,6 +140,7 @@ impl ApiState {
             network: settings.network(chain_id),
             confirmations: settings.confirmations(chain_id),
             prefix,
+            notifications,
             settings: settings.clone(),
         });
         state.refresh_estimates().await;
@@ -218,6 +227,14 @@ pub async fn serve(
                     _ = stop.cancelled() => return,
                 }
             }
+        });
+    }
+    {
+        // Open live status streams end at shutdown; the graceful shutdown would wait for them.
+        let (state, stop) = (state.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            state.notifications.close_streams();
         });
     }
     let app = router(state, ops);

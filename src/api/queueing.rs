@@ -282,6 +282,9 @@ async fn queue_deployment(
     if let Some(a) = req.user_address {
         record.push(("user_address", a.to_checksum(None)));
     }
+    if let Some(u) = &req.callback_url {
+        record.push(("callback_url", u.clone()));
+    }
     let ttl = (state.settings.api.deployment_ttl_days * 86_400) as i64;
     let key = state.key("deployment", deployment_id);
     let tx = state.redis.multi();

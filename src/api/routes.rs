@@ -16,14 +16,15 @@ use utoipa::OpenApi;
 
 use super::deployment::{self, DeployTokenRequest, DeployTokenResponse};
 use super::errors::{ApiError, ErrorBody, ErrorResponse};
+use super::events;
 use super::quote::{self, QuoteResponse};
 use super::status::{self, DeploymentStatusResponse, StatusError};
 use super::webhooks::{self, ModelRegisteredEvent, RegisteredModel};
 use super::{authorization, ApiState};
 use crate::ops::OpsState;
 
-/// The API router: deployments, quotes, status, the platform's webhook, OpenAPI, and the public `/health` and
-/// `/health/ready` of the ops state.
+/// The API router: deployments, quotes, status and its live stream, the platform's webhook,
+/// OpenAPI, and the public `/health` and `/health/ready` of the ops state.
 pub fn router(state: Arc<ApiState>, ops: Arc<OpsState>) -> Router {
     let s = &state.settings.api;
     let cors = if s.cors_origins.is_empty() {
@@ -41,6 +42,8 @@ pub fn router(state: Arc<ApiState>, ops: Arc<OpsState>) -> Router {
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
                 HeaderName::from_static("idempotency-key"),
+                // EventSource's reconnections (the live status stream).
+                HeaderName::from_static("last-event-id"),
                 HeaderName::from_static("x-api-key"),
                 HeaderName::from_static("x-siwe-message"),
                 HeaderName::from_static("x-siwe-signature"),
@@ -69,6 +72,9 @@ pub fn router(state: Arc<ApiState>, ops: Arc<OpsState>) -> Router {
         )
         .route("/api/deployments/quote", get(quote::quote))
         .route("/api/deployments/{id}/status", get(status::status))
+        // A stream: the handler bounds its opening by `api.request_timeout_ms` (there is no
+        // timeout layer) and its life by `api.events_max_secs`.
+        .route(events::ROUTE, get(events::events))
         .route(
             webhooks::ROUTE,
             post(webhooks::model_registered)
@@ -135,6 +141,7 @@ async fn openapi_json() -> Response {
         deployment::create,
         quote::quote,
         status::status,
+        events::events,
         webhooks::model_registered
     ),
     components(schemas(

@@ -2,7 +2,8 @@
 //! by the POST), the model's journal (written by the worker) and the failure outcome. Only the
 //! user who asked (or a service key) sees it; reads are limited per user. `updated_at` moves
 //! at every transition: each step's time comes from the journal in milliseconds and never
-//! goes back (see [`progress`]).
+//! goes back (see [`progress`]). The live stream (`/events`, [`super::events`]) opens through
+//! the same [`authorized`] and re-reads through [`current`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -102,50 +103,86 @@ async fn status_inner(
     id: &str,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
+    let (s, _) = authorized(state, log, id, headers).await?;
+    Ok((StatusCode::OK, Json(s)).into_response())
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "DEPLOYMENT_NOT_FOUND",
+        format!(
+            "no deployment `{}`",
+            id.chars().take(64).collect::<String>()
+        ),
+    )
+}
+
+/// What the status endpoint and the live stream (`/events`) share: authenticates the caller,
+/// admits the read (`api.limits.status_per_minute`) and reads the caller's deployment: another
+/// user's is `DEPLOYMENT_NOT_FOUND`, as an unknown one is. Also gives the credentials' expiry
+/// (a JWT's `exp` in unix seconds, 0 for a service key), so a stream ends with its token.
+pub(super) async fn authorized(
+    state: &ApiState,
+    log: &mut Request,
+    id: &str,
+    headers: &HeaderMap,
+) -> Result<(DeploymentStatusResponse, u64), ApiError> {
     let who = state.authenticate(log, headers, None, None).await?;
     state.admit_read(&who.caller.user_id).await?;
-    let not_found = || {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "DEPLOYMENT_NOT_FOUND",
-            format!(
-                "no deployment `{}`",
-                id.chars().take(64).collect::<String>()
-            ),
-        )
-    };
     if id.len() > 64 {
-        return Err(not_found());
+        return Err(not_found(id));
     }
-    let rec: HashMap<String, String> = state
+    let rec = record(state, id).await?;
+    let Some(model_id) = rec.get("model_id").cloned() else {
+        return Err(not_found(id));
+    };
+    log.model_id = Some(model_id);
+    if !who.caller.service && rec.get("user_id") != Some(&who.caller.user_id) {
+        return Err(not_found(id));
+    }
+    Ok((read(state, id, &rec).await?, who.caller.expires_at))
+}
+
+/// Deployment `id`'s status as it is now, without asking who wants it (the stream asked when
+/// it opened); `None` once its record is gone (expired after `api.deployment_ttl_days`).
+pub(super) async fn current(
+    state: &ApiState,
+    id: &str,
+) -> Result<Option<DeploymentStatusResponse>, ApiError> {
+    let rec = record(state, id).await?;
+    if !rec.contains_key("model_id") {
+        return Ok(None);
+    }
+    read(state, id, &rec).await.map(Some)
+}
+
+/// The deployment's record, written by the POST (empty when there is none).
+async fn record(state: &ApiState, id: &str) -> Result<HashMap<String, String>, ApiError> {
+    state
         .redis
         .hgetall(state.key("deployment", id))
         .await
-        .map_err(ApiError::redis)?;
-    let Some(model_id) = rec.get("model_id").cloned() else {
-        return Err(not_found());
-    };
-    log.model_id = Some(model_id.clone());
-    if !who.caller.service && rec.get("user_id") != Some(&who.caller.user_id) {
-        return Err(not_found());
-    }
+        .map_err(ApiError::redis)
+}
+
+/// The status from the record, the model's journal and the failure outcome, read now.
+async fn read(
+    state: &ApiState,
+    id: &str,
+    rec: &HashMap<String, String>,
+) -> Result<DeploymentStatusResponse, ApiError> {
+    let model_id = rec.get("model_id").map(String::as_str).unwrap_or_default();
     let (entry, outcome) = tokio::join!(
-        state.journal.load(&model_id),
+        state.journal.load(model_id),
         state
             .redis
             .get::<Option<String>, _>(queue::outcome_key(&state.prefix, id))
     );
     let entry = entry.map_err(ApiError::redis)?;
     let outcome = outcome.map_err(ApiError::redis)?;
-    let s = progress(
-        id,
-        &rec,
-        &entry,
-        outcome.as_deref(),
-        &state.network.explorer,
-    )
-    .map_err(|e| ApiError::upstream("the journal", e))?;
-    Ok((StatusCode::OK, Json(s)).into_response())
+    progress(id, rec, &entry, outcome.as_deref(), &state.network.explorer)
+        .map_err(|e| ApiError::upstream("the journal", e))
 }
 
 /// Parses an RFC 3339 time as the journal and events write it.

@@ -142,6 +142,7 @@ impl ModelRegisteredEvent {
             user_address: None,
             token_name: None,
             token_symbol: Some(self.model.id.clone()),
+            callback_url: None,
         })
     }
 }

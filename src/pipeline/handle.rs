@@ -36,6 +36,7 @@ impl Deployer {
         Deployer {
             reorg_window: settings.reorg_watch_blocks(chain.chain_id),
             watched: Default::default(),
+            outbox: crate::webhooks::Outbox::new(&settings),
             audit,
             settings,
             queues,
@@ -104,7 +105,7 @@ impl Deployer {
                 self.breaker_count(&result).await;
                 match result {
                     Ok(Done { event, token, created, block }) => {
-                        let outcome = self.publish(raw, &event, shutdown).await;
+                        let outcome = self.publish(raw, &msg.message_id, &event, shutdown).await;
                         if outcome == Outcome::Deployed {
                             if let Some((number, hash)) = block {
                                 self.watch_published(&msg.model.model_id, number, hash);
@@ -224,11 +225,44 @@ impl Deployer {
     /// Publishes and acks, retrying Redis until it answers or shutdown comes. A message whose
     /// publication is cut short by shutdown stays in the processing list; its event is in the
     /// journal, so the redelivery re-publishes the same event.
-    async fn publish(&self, raw: &[u8], event: &str, shutdown: &CancellationToken) -> Outcome {
-        self.redis_until_done(shutdown, || self.queues.ack_with_event(raw, event))
-            .await
-            .map(|_| Outcome::Deployed)
-            .unwrap_or(Outcome::Abandoned)
+    async fn publish(
+        &self,
+        raw: &[u8],
+        message_id: &str,
+        event: &str,
+        shutdown: &CancellationToken,
+    ) -> Outcome {
+        self.redis_until_done(shutdown, || async {
+            let webhooks = self.webhooks(message_id, event, true).await?;
+            self.queues.ack_with_event(raw, event, &webhooks).await
+        })
+        .await
+        .map(|_| Outcome::Deployed)
+        .unwrap_or(Outcome::Abandoned)
+    }
+
+    /// The webhook deliveries of a published outcome (`completed`: a `token_deployed` event,
+    /// else a `deployment_failed` one): none unless webhooks are configured; the deployment's
+    /// callback is read from the API's record only when callbacks are on.
+    pub(super) async fn webhooks(
+        &self,
+        message_id: &str,
+        event: &str,
+        completed: bool,
+    ) -> Result<Vec<String>, QueueError> {
+        if !self.outbox.enabled() {
+            return Ok(vec![]);
+        }
+        let callback = self
+            .outbox
+            .callback(self.queues.client(), message_id)
+            .await?;
+        Ok(if completed {
+            self.outbox
+                .completed(message_id, event, callback.as_deref())
+        } else {
+            self.outbox.failed(message_id, event, callback.as_deref())
+        })
     }
 
     /// Audit fields naming the message, plus `extra`.
@@ -258,9 +292,11 @@ impl Deployer {
             .expect("DeploymentFailed always serializes");
         let code = letter.error.code.clone();
         let r = self
-            .redis_until_done(shutdown, || {
+            .redis_until_done(shutdown, || async {
+                let webhooks = self.webhooks(&letter.message_id, &failure, false).await?;
                 self.queues
-                    .dead_letter(raw, &letter.message_id, &entry, &failure)
+                    .dead_letter(raw, &letter.message_id, &entry, &failure, &webhooks)
+                    .await
             })
             .await;
         match r {

@@ -131,6 +131,8 @@ pub struct Deployer {
     reorg_window: u64,
     /// Published deployments under this worker's reorg watch.
     watched: std::sync::Mutex<reorg::Watched>,
+    /// Which webhook deliveries each published outcome makes.
+    outbox: crate::webhooks::Outbox,
 }
 
 /// A finished attempt: the event to publish, the model's token, and whether this attempt

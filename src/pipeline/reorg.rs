@@ -313,7 +313,8 @@ impl Deployer {
             block,
             ..
         } = self.attempt(&msg, &first, true).await?;
-        self.queues.publish(&event).await?;
+        let webhooks = self.webhooks(&msg.message_id, &event, true).await?;
+        self.queues.publish(&event, &webhooks).await?;
         if let Some((number, hash)) = block {
             self.watch_published(model_id, number, hash);
         }

@@ -99,6 +99,12 @@ pub async fn run(
             }
         });
     }
+    // Webhook deliveries (none configured: returns at once); they need no key or chain.
+    tasks.spawn(crate::webhooks::delivery::run(
+        settings.clone(),
+        worker_id.clone(),
+        background.clone(),
+    ));
     let stop_background = || async {
         background.cancel();
         tasks.close();
