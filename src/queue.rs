@@ -73,12 +73,16 @@ return moved
 "#;
 
 /// Takes a model lock if it is free, ours, or held by a dead or restarted process.
-/// KEYS: lock. ARGV: owner ("worker|instance|seq"), ttl seconds, heartbeat key prefix.
+/// KEYS: lock, the heartbeat of the holder the caller saw (the lock itself when free).
+/// ARGV: owner ("worker|instance|seq"), ttl seconds, the holder the caller saw ("" for none).
+/// Every key it reads is declared, so it runs on a Redis Cluster; -1: the holder changed
+/// since the caller looked (it looks again).
 const LOCK_SCRIPT: &str = r#"
 local cur = redis.call('GET', KEYS[1])
+if (cur or '') ~= ARGV[3] then return -1 end
 if cur then
   local w, inst = string.match(cur, '^([^|]*)|([^|]*)|')
-  local hb = w and redis.call('GET', ARGV[3] .. w)
+  local hb = w and redis.call('GET', KEYS[2])
   if hb and hb == inst then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
@@ -294,10 +298,6 @@ impl Queues {
         timed(op, self.redis.commands.eval(script, keys, args)).await
     }
 
-    fn heartbeat_prefix(&self) -> String {
-        heartbeat_key(&self.state_prefix, "")
-    }
-
     fn workers_key(&self) -> String {
         workers_key(&self.state_prefix)
     }
@@ -505,15 +505,28 @@ impl Queues {
         owner: &str,
         ttl_secs: u64,
     ) -> Result<bool, QueueError> {
-        let args = vec![
-            owner.into(),
-            ttl_secs.to_string().into(),
-            self.heartbeat_prefix().into(),
-        ];
-        let n: i64 = self
-            .script("lock", LOCK_SCRIPT, vec![self.lock_key(model_id)], args)
-            .await?;
-        Ok(n == 1)
+        let lock = self.lock_key(model_id);
+        for _ in 0..5 {
+            let holder: Option<String> = timed("lock", self.redis.commands.get(&lock)).await?;
+            let heartbeat = holder
+                .as_deref()
+                .and_then(|h| h.split('|').next())
+                .map(|w| heartbeat_key(&self.state_prefix, w))
+                .unwrap_or_else(|| lock.clone());
+            let args = vec![
+                owner.into(),
+                ttl_secs.to_string().into(),
+                holder.unwrap_or_default().into(),
+            ];
+            let n: i64 = self
+                .script("lock", LOCK_SCRIPT, vec![lock.clone(), heartbeat], args)
+                .await?;
+            if n >= 0 {
+                return Ok(n == 1);
+            }
+        }
+        // The lock changed hands five times while we looked: someone is busy with it.
+        Ok(false)
     }
 
     pub async fn unlock_model(&self, model_id: &str, owner: &str) -> Result<(), QueueError> {
