@@ -49,6 +49,7 @@ const LIST_KEYS: &[&str] = &[
     "api.trusted_proxies",
     "api.jwt.algorithms",
     "webhooks.allow_hosts",
+    "redis.sentinel_addresses",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +203,66 @@ pub struct RedisSettings {
     pub tls_cert_file: Option<PathBuf>,
     #[serde(default)]
     pub tls_key_file: Option<PathBuf>,
+    /// `standalone`, `cluster` (the URL's host is a seed node) or `sentinel` (the URL gives
+    /// the user, password, database and TLS; `sentinel_addresses` and `sentinel_service_name`
+    /// the set). Unset: from the URL's scheme (`redis-cluster://`, `redis-sentinel://`).
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Sentinel mode: the sentinels, `host:port` each.
+    #[serde(default)]
+    pub sentinel_addresses: Vec<String>,
+    /// Sentinel mode: the name the sentinels monitor the primary under.
+    #[serde(default)]
+    pub sentinel_service_name: Option<String>,
+    /// Replicas that must hold a write-ahead journal record (and the final publish) before the
+    /// worker goes on (`WAIT`); 0 does not wait. 1 for ElastiCache with replicas.
+    #[serde(default)]
+    pub min_replica_acks: u32,
+    /// How long one `WAIT` waits for those replicas; too few in time is a Redis fault (retried).
+    #[serde(default = "default_replica_ack_timeout")]
+    pub replica_ack_timeout_ms: u64,
+}
+
+fn default_replica_ack_timeout() -> u64 {
+    1_000
+}
+
+/// How the service reaches Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisMode {
+    Standalone,
+    Cluster,
+    Sentinel,
+}
+
+impl RedisMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisMode::Standalone => "standalone",
+            RedisMode::Cluster => "cluster",
+            RedisMode::Sentinel => "sentinel",
+        }
+    }
+}
+
+impl RedisSettings {
+    /// `redis.mode`, else the URL's scheme.
+    pub fn mode(&self) -> RedisMode {
+        match self.mode.as_deref() {
+            Some("cluster") => RedisMode::Cluster,
+            Some("sentinel") => RedisMode::Sentinel,
+            Some(_) => RedisMode::Standalone,
+            None if self.url.starts_with("redis-cluster://") => RedisMode::Cluster,
+            None if self.url.starts_with("redis-sentinel://") => RedisMode::Sentinel,
+            None => RedisMode::Standalone,
+        }
+    }
+}
+
+/// The hash slot of a key, as Redis Cluster computes it (CRC16 of the `{tag}` when there is
+/// one, else of the whole key).
+pub fn key_slot(key: &str) -> u16 {
+    fred::util::redis_keyslot(key.as_bytes())
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -928,6 +989,7 @@ impl Settings {
         ) {
             return Err(invalid("redis.url", "scheme must be redis:// or rediss://"));
         }
+        self.validate_redis_mode()?;
         let local_key = self.chain.private_key.is_some() || self.chain.private_key_file.is_some();
         if !self.chain.aws_kms_key_ids.is_empty() && local_key {
             return Err(invalid(
@@ -1122,6 +1184,82 @@ impl Settings {
         for k in self.networks.keys() {
             k.parse::<u64>()
                 .map_err(|_| invalid("networks", format!("`{k}` is not a chain id")))?;
+        }
+        Ok(())
+    }
+
+    fn validate_redis_mode(&self) -> Result<(), ConfigError> {
+        let r = &self.redis;
+        if let Some(m) = &r.mode {
+            if !matches!(m.as_str(), "standalone" | "cluster" | "sentinel") {
+                return Err(invalid(
+                    "redis.mode",
+                    "one of standalone, cluster, sentinel",
+                ));
+            }
+        }
+        if r.replica_ack_timeout_ms == 0 || r.replica_ack_timeout_ms > 60_000 {
+            return Err(invalid(
+                "redis.replica_ack_timeout_ms",
+                "must be between 1 and 60000",
+            ));
+        }
+        match r.mode() {
+            RedisMode::Sentinel if !r.url.starts_with("redis-sentinel://") => {
+                if r.sentinel_addresses.is_empty() {
+                    return Err(invalid(
+                        "redis.sentinel_addresses",
+                        "sentinel mode needs the sentinels (host:port, comma separated)",
+                    ));
+                }
+                for a in &r.sentinel_addresses {
+                    let ok = a
+                        .rsplit_once(':')
+                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+                    if !ok {
+                        return Err(invalid(
+                            "redis.sentinel_addresses",
+                            format!("`{a}` is not host:port"),
+                        ));
+                    }
+                }
+                if r.sentinel_service_name.as_deref().unwrap_or("").is_empty() {
+                    return Err(invalid(
+                        "redis.sentinel_service_name",
+                        "sentinel mode needs the name the sentinels monitor (e.g. mymaster)",
+                    ));
+                }
+            }
+            RedisMode::Cluster => {
+                // Every MULTI and script touches several of these keys: one slot for all.
+                let q = &self.queues;
+                let keys = [
+                    ("queues.inbound", q.inbound.clone()),
+                    ("queues.processing", format!("{}:worker-a", q.processing)),
+                    ("queues.processing", format!("{}:worker-b", q.processing)),
+                    ("queues.dlq", q.dlq.clone()),
+                    ("queues.outbound", q.outbound.clone()),
+                    ("queues.failures", q.failures.clone()),
+                    (
+                        "queues.state_prefix",
+                        format!("{}:journal:a", q.state_prefix),
+                    ),
+                    ("queues.state_prefix", format!("{}:lock:b", q.state_prefix)),
+                ];
+                let first = key_slot(&keys[0].1);
+                if keys.iter().any(|(_, k)| key_slot(k) != first) {
+                    let mut names: Vec<&str> = keys.iter().map(|(n, _)| *n).collect();
+                    names.dedup();
+                    return Err(invalid(
+                        "queues",
+                        format!(
+                            "in Redis Cluster mode every key must live in one hash slot, but {} map to different slots; give them one hash tag, e.g. `{{hokusai}}:model_ready_queue`, `{{hokusai}}:model_ready_queue:processing`, `{{hokusai}}:deployer`",
+                            names.join(", ")
+                        ),
+                    ));
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -1409,6 +1547,57 @@ fn split_list(v: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_mode_refuses_keys_in_different_slots_and_names_the_tag() {
+        let load = |env: &[(&str, &str)]| {
+            Settings::load(Sources {
+                file: None,
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            })
+        };
+        let Err(e) = load(&[("HOKUSAI__REDIS__MODE", "cluster")]) else {
+            panic!("the default names map to different slots");
+        };
+        let e = e.to_string();
+        assert!(e.contains("configuration key `queues`"), "{e}");
+        assert!(
+            e.contains("queues.inbound") && e.contains("queues.state_prefix"),
+            "{e}"
+        );
+        assert!(e.contains("{hokusai}:model_ready_queue"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+        let tagged = [
+            ("HOKUSAI__REDIS__URL", "redis-cluster://127.0.0.1:7000"),
+            ("HOKUSAI__QUEUES__INBOUND", "{hokusai}:model_ready_queue"),
+            (
+                "HOKUSAI__QUEUES__PROCESSING",
+                "{hokusai}:model_ready_queue:processing",
+            ),
+            ("HOKUSAI__QUEUES__DLQ", "{hokusai}:model_ready_queue:dlq"),
+            (
+                "HOKUSAI__QUEUES__OUTBOUND",
+                "{hokusai}:token_deployed_queue",
+            ),
+            (
+                "HOKUSAI__QUEUES__FAILURES",
+                "{hokusai}:deployment_failed_queue",
+            ),
+            ("HOKUSAI__QUEUES__STATE_PREFIX", "{hokusai}:deployer"),
+        ];
+        let s = load(&tagged).expect("one tag, one slot");
+        assert_eq!(s.redis.mode(), RedisMode::Cluster, "from the URL's scheme");
+        // Standalone Redis does not care.
+        assert!(load(&[]).is_ok());
+        let e = load(&[("HOKUSAI__REDIS__MODE", "sentinel")])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("redis.sentinel_addresses"), "{e}");
+    }
 
     #[test]
     fn a_key_file_others_can_read_is_refused() {

@@ -18,6 +18,9 @@ use crate::message::ModelReady;
 pub enum JournalError {
     #[error("redis: {0}")]
     Redis(#[from] fred::error::Error),
+    /// A record that precedes a broadcast reached too few replicas (`redis.min_replica_acks`).
+    #[error(transparent)]
+    NotReplicated(#[from] crate::queue::QueueError),
     #[error("journal of model {model_id} is corrupt: field `{field}`")]
     Corrupt {
         model_id: String,
@@ -103,6 +106,8 @@ pub struct Journal {
     progress: String,
     /// Off only in the test that proves the journal is what prevents double deployments.
     enabled: bool,
+    /// Makes a transaction's record wait for replicas before it is broadcast.
+    durability: Option<crate::topology::Durability>,
 }
 
 impl Journal {
@@ -114,7 +119,24 @@ impl Journal {
             watch: format!("{state_prefix}:reorg_watch"),
             progress: crate::queue::progress_channel(state_prefix),
             enabled,
+            durability: None,
         }
+    }
+
+    /// Waits until replicas hold every write this connection made (and so every write before
+    /// them in the replication stream); at once when `redis.min_replica_acks` is 0.
+    pub async fn durable(&self) -> Result<(), JournalError> {
+        if let Some(d) = &self.durability {
+            d.wait().await?;
+        }
+        Ok(())
+    }
+
+    /// Records of signed transactions wait for `redis.min_replica_acks` replicas before
+    /// `record_tx` returns (the worker's journal; the API only reads).
+    pub fn with_durability(mut self, d: crate::topology::Durability) -> Journal {
+        self.durability = Some(d);
+        self
     }
 
     fn key(&self, model_id: &str) -> String {
@@ -249,6 +271,10 @@ impl Journal {
         let _: () = p.hset(self.key(model_id), fields).await?;
         let _: () = p.publish(&self.progress, model_id).await?;
         let _: Vec<Value> = p.all().await?;
+        // Write-ahead across a failover too: not broadcast until replicas hold the record.
+        if let Some(d) = &self.durability {
+            d.wait().await?;
+        }
         Ok(())
     }
 

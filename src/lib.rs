@@ -8,7 +8,8 @@
 //! messages; [`ops`] serves health and metrics (and [`emf`] writes the metrics as CloudWatch
 //! Embedded Metric Format lines), [`admin`] the operator commands, [`audit`] the audit trail,
 //! [`acl`] the Redis ACL file, [`mlflow`] the model registry the API reads,
-//! [`telemetry`] logs and metric names, [`webhooks`] the signed outbound deliveries of each
+//! [`telemetry`] logs and metric names, [`topology`] the Redis mode (standalone, cluster,
+//! sentinel), the writes that wait for replicas and the failovers seen, [`webhooks`] the signed outbound deliveries of each
 //! deployment's outcome to configured endpoints and callbacks. [`config`] builds the settings; [`localstack`] starts
 //! Redis and anvil for the quick start and the tests; [`cli`] is the command line.
 
@@ -28,4 +29,5 @@ pub mod ops;
 pub mod pipeline;
 pub mod queue;
 pub mod telemetry;
+pub mod topology;
 pub mod webhooks;

@@ -245,10 +245,31 @@ impl OpsState {
         )
     }
 
+    /// A PING, and what is known of the topology: the mode, the primary serving our keys,
+    /// and (in a worker) the replicas that confirmed its last write that waits for them.
     async fn redis_probe(&self) -> Component {
+        let prefix = &self.settings.queues.state_prefix;
         self.probe("redis", async {
             let _: String = self.redis.ping(None).await?;
-            Ok::<_, fred::error::Error>(Default::default())
+            let mut m = serde_json::Map::new();
+            m.insert("mode".into(), self.settings.redis.mode().as_str().into());
+            if let Some(p) = crate::topology::primary_in_use(&self.redis, prefix) {
+                m.insert("primary".into(), p.into());
+            }
+            m.insert(
+                "min_replica_acks".into(),
+                self.settings.redis.min_replica_acks.into(),
+            );
+            if let Some(w) = &self.worker {
+                let acks = w
+                    .topology
+                    .replica_acks
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if acks >= 0 {
+                    m.insert("replica_acks".into(), acks.into());
+                }
+            }
+            Ok::<_, fred::error::Error>(m)
         })
         .await
     }

@@ -24,12 +24,18 @@ pub enum QueueError {
     /// The TLS files of `[redis]` cannot be used; found when the client is built.
     #[error("redis TLS: {0}")]
     Tls(String),
+    /// Fewer replicas than `redis.min_replica_acks` confirmed a write in time: it could be lost
+    /// in a failover, so what depends on it waits.
+    #[error(
+        "only {got} of {wanted} replicas confirmed the write within redis.replica_ack_timeout_ms"
+    )]
+    Replication { wanted: u32, got: i64 },
 }
 
 impl QueueError {
     /// Every Redis error is an infrastructure fault: retry, never dead-letter for it.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, QueueError::Redis(_))
+        matches!(self, QueueError::Redis(_) | QueueError::Replication { .. })
     }
 }
 
@@ -113,9 +119,16 @@ end
 return 0
 "#;
 
-/// Extends a lease we still hold; 0 means another process has it now.
+/// Extends a lease we still hold (1); takes it again when it lapsed and nobody took it
+/// meanwhile (2: Redis was out of reach longer than the lease, or a failover lost it); 0
+/// means another process has it now.
 const RENEW_SCRIPT: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+if not cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return 2
+end
 return 0
 "#;
 
@@ -136,6 +149,7 @@ pub fn client(settings: &Settings) -> Result<Client, QueueError> {
 /// per call; clones share it).
 fn config(settings: &Settings) -> Result<Config, QueueError> {
     let mut config = Config::from_url(&settings.redis.url)?;
+    crate::topology::apply_mode(&mut config, &settings.redis);
     if let Some(password) = &settings.redis.password {
         config.password = Some(password.expose().to_owned());
     }
@@ -255,6 +269,8 @@ pub struct Queues {
     state_prefix: String,
     /// Where webhook deliveries are queued (in the same step as the event they carry).
     webhooks: crate::webhooks::Keys,
+    /// Makes the final publish or dead-letter wait for replicas (`redis.min_replica_acks`).
+    durability: Option<crate::topology::Durability>,
     pub worker_id: String,
     /// Random per process start: tells a restarted worker's locks from its predecessor's.
     pub instance: String,
@@ -275,10 +291,26 @@ impl Queues {
             failures: q.failures.clone(),
             state_prefix: q.state_prefix.clone(),
             webhooks: crate::webhooks::Keys::new(&q.state_prefix),
+            durability: None,
             worker_id,
             instance: uuid::Uuid::new_v4().simple().to_string(),
             blocking_timeout: settings.redis.blocking_timeout_secs as f64,
             heartbeat_ttl: settings.pipeline.heartbeat_ttl_secs,
+        }
+    }
+
+    /// The final `MULTI`s wait for replicas with `d` (see [`Queues::durable`]).
+    pub fn with_durability(mut self, d: crate::topology::Durability) -> Queues {
+        self.durability = Some(d);
+        self
+    }
+
+    /// Waits until replicas hold what this connection wrote (the publish or dead-letter just
+    /// made): called after those `MULTI`s, retried on its own so they never run twice.
+    pub async fn durable(&self) -> Result<(), QueueError> {
+        match &self.durability {
+            Some(d) => d.wait().await,
+            None => Ok(()),
         }
     }
 
@@ -576,7 +608,12 @@ impl Queues {
         let n: i64 = self
             .script("renew", RENEW_SCRIPT, vec![self.lease_key(signer)], args)
             .await?;
-        Ok(n == 1)
+        if n == 2 {
+            // Nobody else signs with it (they would hold the lease): carry on; a nonce someone
+            // used meanwhile is found and skipped like any other.
+            tracing::warn!(signer, "the signer lease had lapsed (Redis out of reach, or a failover lost it); taken again");
+        }
+        Ok(n >= 1)
     }
 
     pub async fn release_signer(&self, signer: &str) -> Result<(), QueueError> {

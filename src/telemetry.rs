@@ -59,6 +59,8 @@ pub mod names {
     pub const BREAKER_STATE: &str = "hokusai_chain_breaker_state";
     pub const UNFUNDED: &str = "hokusai_deployer_unfunded";
     pub const REORGS: &str = "hokusai_reorgs_total";
+    pub const REDIS_FAILOVERS: &str = "hokusai_redis_failovers_total";
+    pub const REDIS_REPLICA_ACKS: &str = "hokusai_redis_replica_acks";
     pub const WEBHOOK_DELIVERIES: &str = "hokusai_webhook_deliveries_total";
     pub const WEBHOOK_LATENCY: &str = "hokusai_webhook_delivery_latency_seconds";
     pub const WEBHOOK_PENDING: &str = "hokusai_webhook_pending";
@@ -93,6 +95,8 @@ pub mod names {
         BREAKER_STATE,
         UNFUNDED,
         REORGS,
+        REDIS_FAILOVERS,
+        REDIS_REPLICA_ACKS,
         WEBHOOK_DELIVERIES,
         WEBHOOK_LATENCY,
         WEBHOOK_PENDING,
@@ -165,6 +169,14 @@ fn describe() {
     describe_histogram!(
         DEPLOYMENT_DURATION,
         "Seconds from a message taken off the queue to its token_deployed event published."
+    );
+    describe_counter!(
+        REDIS_FAILOVERS,
+        "Times the Redis primary serving this process's keys changed (a failover)."
+    );
+    describe_gauge!(
+        REDIS_REPLICA_ACKS,
+        "Replicas that confirmed the last write that must survive a failover (WAIT; redis.min_replica_acks)."
     );
     describe_counter!(
         WEBHOOK_DELIVERIES,

@@ -172,6 +172,10 @@ impl Deployer {
                 return Ok(rec);
             }
             if self.chain.can_still_land(&rec).await? {
+                // A record written before a failed replica wait (or by a process that died)
+                // may sit on the primary alone: our lock, written after it on this connection,
+                // reaches the replicas only after it, so waiting for the lock covers it.
+                self.journal.durable().await?;
                 info!(hash = %rec.hash, nonce = rec.nonce, "re-broadcasting journaled transaction");
                 self.audit_tx(&message_id, "tx_rebroadcast", model_id, &rec, [])
                     .await;

@@ -15,7 +15,7 @@ use super::{AttemptError, Deployer, Done, FeeWait, Outcome, WorkerStatus};
 use crate::audit::{Audit, Fields};
 use crate::chain::{Chain, ChainError};
 use crate::config::Settings;
-use crate::journal::Journal;
+use crate::journal::{Journal, JournalError};
 use crate::message::{self, DeadLetter, DeadLetterError, DeploymentFailed, Rejection, Rules};
 use crate::queue::{QueueError, Queues};
 use crate::telemetry::names;
@@ -136,6 +136,18 @@ impl Deployer {
                             return Outcome::Abandoned;
                         }
                     }
+                    Err(AttemptError::Journal(JournalError::NotReplicated(e))) => {
+                        // Too few replicas hold the transaction's record: it is not sent, and
+                        // the wait for them spends none of this message's retries (a replica
+                        // catching up, or a new one after a failover, is a matter of time).
+                        attempt -= 1;
+                        let delay = delays.next().unwrap_or(Duration::from_secs(1));
+                        warn!(error = %e, delay_ms = delay.as_millis() as u64, "waiting for Redis replicas before broadcasting; this attempt does not count");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = shutdown.cancelled() => return Outcome::Abandoned,
+                        }
+                    }
                     Err(e) if self.should_retry(&e, attempt, started) => {
                         let delay = delays.next().unwrap_or(Duration::from_secs(1));
                         warn!(error = %e, code = e.code(), attempt, delay_ms = delay.as_millis() as u64, "attempt failed, retrying");
@@ -232,13 +244,20 @@ impl Deployer {
         event: &str,
         shutdown: &CancellationToken,
     ) -> Outcome {
-        self.redis_until_done(shutdown, || async {
-            let webhooks = self.webhooks(message_id, event, true).await?;
-            self.queues.ack_with_event(raw, event, &webhooks).await
-        })
-        .await
-        .map(|_| Outcome::Deployed)
-        .unwrap_or(Outcome::Abandoned)
+        let acked = self
+            .redis_until_done(shutdown, || async {
+                let webhooks = self.webhooks(message_id, event, true).await?;
+                self.queues.ack_with_event(raw, event, &webhooks).await
+            })
+            .await;
+        if acked.is_none() {
+            return Outcome::Abandoned;
+        }
+        // Done once replicas hold it (redis.min_replica_acks); shutdown meanwhile still leaves
+        // it published on the primary.
+        self.redis_until_done(shutdown, || self.queues.durable())
+            .await;
+        Outcome::Deployed
     }
 
     /// The webhook deliveries of a published outcome (`completed`: a `token_deployed` event,
@@ -299,6 +318,10 @@ impl Deployer {
                     .await
             })
             .await;
+        if r.is_some() {
+            self.redis_until_done(shutdown, || self.queues.durable())
+                .await;
+        }
         match r {
             Some(()) => {
                 metrics::counter!(names::MESSAGES, "result" => result).increment(1);

@@ -73,7 +73,7 @@ impl AttemptError {
         match self {
             AttemptError::Chain(e) => e.is_retryable(),
             AttemptError::Queue(e) => e.is_retryable(),
-            AttemptError::Journal(JournalError::Redis(_)) => true,
+            AttemptError::Journal(JournalError::Redis(_) | JournalError::NotReplicated(_)) => true,
             AttemptError::Journal(JournalError::Corrupt { .. }) => false,
             AttemptError::ModelBusy(_) => true,
             AttemptError::TokenExists { .. } | AttemptError::ForeignJournal { .. } => false,
@@ -90,7 +90,8 @@ impl AttemptError {
         match self {
             AttemptError::TokenExists { .. } => "TOKEN_EXISTS",
             AttemptError::ModelBusy(_) => "MODEL_BUSY",
-            AttemptError::Queue(_) | AttemptError::Journal(JournalError::Redis(_)) => {
+            AttemptError::Queue(_)
+            | AttemptError::Journal(JournalError::Redis(_) | JournalError::NotReplicated(_)) => {
                 "REDIS_UNAVAILABLE"
             }
             AttemptError::Journal(JournalError::Corrupt { .. })

@@ -17,6 +17,8 @@ pub struct WorkerStatus {
     pub breaker: crate::chain::Breaker,
     /// Why the worker takes no message for want of funds (`None`: it can pay).
     unfunded: std::sync::Mutex<Option<String>>,
+    /// The Redis primary in use and the replica acks of the last write that waited for them.
+    pub topology: std::sync::Arc<crate::topology::Topology>,
 }
 
 impl WorkerStatus {

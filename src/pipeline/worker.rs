@@ -56,13 +56,22 @@ pub async fn run(
     let status = opts.status.clone();
     let _ = status.worker_id.set(worker_id.clone());
     let redis = Redis::connect(&settings)?;
-    let queues = Queues::new(redis.clone(), &settings, worker_id.clone());
+    let durability = crate::topology::Durability::new(
+        redis.commands.clone(),
+        &settings,
+        status.topology.clone(),
+    );
+    let queues = Queues::new(redis.clone(), &settings, worker_id.clone())
+        .with_durability(durability.clone());
 
     // Heartbeat first, so no other process mistakes us for dead while we start.
     let tasks = TaskTracker::new();
     let background = CancellationToken::new();
     let leased: Arc<tokio::sync::OnceCell<String>> = Arc::new(tokio::sync::OnceCell::new());
     let lease_lost = CancellationToken::new();
+    // Set by the heartbeat task when the Redis primary changed: writes the old one acknowledged
+    // may be gone, so our processing list is swept for messages no job of ours holds.
+    let failed_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let hb_every = Duration::from_secs(settings.pipeline.heartbeat_ttl_secs / 3);
     {
         let (q, stop, leased, lost) = (
@@ -71,6 +80,10 @@ pub async fn run(
             leased.clone(),
             lease_lost.clone(),
         );
+        let topology = status.topology.clone();
+        let failed_over = failed_over.clone();
+        let state_prefix = settings.queues.state_prefix.clone();
+        let audit = crate::audit::Audit::new(redis.commands.clone(), &settings, worker_id.clone());
         tasks.spawn(async move {
             loop {
                 if let Err(e) = q.heartbeat().await {
@@ -91,6 +104,15 @@ pub async fn run(
                     Ok(n) if n > 0 => metrics::counter!(names::RECOVERED).increment(n),
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "reaper failed"),
+                }
+                if let Some((from, to)) = topology.observe(q.client(), &state_prefix) {
+                    failed_over.store(true, Ordering::Relaxed);
+                    audit
+                        .record(
+                            "redis_failover",
+                            crate::audit::Fields::from([("from", from), ("to", to)]),
+                        )
+                        .await;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(hb_every) => {}
@@ -158,7 +180,8 @@ pub async fn run(
         redis.commands.clone(),
         &settings.queues.state_prefix,
         opts.journal,
-    );
+    )
+    .with_durability(durability);
     info!(worker_id = %worker_id, signer = %chain.signer, chain_id = chain.chain_id, registry = %chain.registry, "worker starting");
     let deployer = Arc::new(Deployer::new(
         settings.clone(),
@@ -227,6 +250,9 @@ pub async fn run(
         };
         if shutdown.is_cancelled() || lease_lost.is_cancelled() {
             break;
+        }
+        if failed_over.swap(false, Ordering::Relaxed) {
+            sweep_needed = true;
         }
         if sweep_needed {
             let held = in_flight

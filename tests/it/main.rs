@@ -17,6 +17,7 @@ mod harness;
 mod kms;
 mod ops;
 mod pipeline;
+mod redis_failover;
 mod redis_ha;
 mod redis_tls;
 mod sse;

@@ -81,13 +81,18 @@ where
 /// Starts a redis-server on a free port with `args(port)` after the defaults of
 /// [`localstack::redis_on`]; a port taken meanwhile by someone else is retried on another.
 async fn server(dir: &Path, args: impl Fn(u16) -> Vec<String>) -> Service {
+    server_with_args(dir, args).await.0
+}
+
+/// [`server`], also returning the arguments it was started with (to restart it the same way).
+async fn server_with_args(dir: &Path, args: impl Fn(u16) -> Vec<String>) -> (Service, Vec<String>) {
     let mut last = None;
     for _ in 0..5 {
         let port = localstack::free_port();
-        let args = args(port);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let owned = args(port);
+        let args: Vec<&str> = owned.iter().map(String::as_str).collect();
         match localstack::redis_on(dir, port, &args).await {
-            Ok(s) => return s,
+            Ok(s) => return (s, owned),
             Err(e) => last = Some(e),
         }
     }
@@ -192,6 +197,8 @@ fn owner(nodes: &[ClusterNode], slot: u16) -> Option<u16> {
 /// Every node is killed when this drops.
 pub(crate) struct RedisCluster {
     nodes: Vec<Service>,
+    /// Each node's port and arguments, killed or not (to start it again).
+    args: Vec<(u16, Vec<String>)>,
     dir: tempfile::TempDir,
 }
 
@@ -202,8 +209,9 @@ impl RedisCluster {
     pub(crate) async fn start() -> RedisCluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut nodes = Vec::new();
+        let mut all_args = Vec::new();
         for _ in 0..6 {
-            let node = server(dir.path(), |port| {
+            let (node, args) = server_with_args(dir.path(), |port| {
                 [
                     "--cluster-enabled",
                     "yes",
@@ -225,9 +233,14 @@ impl RedisCluster {
                 .to_vec()
             })
             .await;
+            all_args.push((node.port, args));
             nodes.push(node);
         }
-        let cluster = RedisCluster { nodes, dir };
+        let cluster = RedisCluster {
+            nodes,
+            args: all_args,
+            dir,
+        };
         cluster.create().await;
         eventually("the cluster settles", SETTLE_TIMEOUT, || cluster.settled()).await;
         cluster
@@ -333,6 +346,34 @@ impl RedisCluster {
             .unwrap_or_else(|| panic!("no running node on port {port}"));
         let mut node = self.nodes.remove(i);
         node.kill().await;
+    }
+
+    /// Starts a killed node again on its port with its arguments and node file: it rejoins
+    /// the cluster as a replica of the primary that took over its slots. Returns once it is
+    /// in sync.
+    pub(crate) async fn restart_node(&mut self, port: u16) {
+        let args = self
+            .args
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map(|(_, a)| a.clone())
+            .expect("a node this cluster started");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let node = localstack::redis_on(self.dir.path(), port, &args)
+            .await
+            .expect("the node starts again");
+        self.nodes.push(node);
+        eventually(
+            "the restarted node syncs as a replica",
+            SETTLE_TIMEOUT,
+            || async {
+                let info = cli(port, &["INFO", "replication"]).await?;
+                (field(&info, "role") == Some("slave")
+                    && field(&info, "master_link_status") == Some("up"))
+                .then_some(())
+            },
+        )
+        .await;
     }
 
     /// SIGKILLs the primary serving `key`, then waits until every running node reports
@@ -573,6 +614,27 @@ impl RedisSentinel {
             },
         )
         .await
+    }
+
+    /// Starts the server killed by [`RedisSentinel::kill_primary`] again on its port; the
+    /// sentinels turn it into a replica of the new primary. Returns once it is in sync.
+    pub(crate) async fn restart_old_primary(&mut self, port: u16) {
+        let server =
+            localstack::redis_on(self.dir.path(), port, &["--repl-diskless-sync-delay", "0"])
+                .await
+                .expect("the old primary starts again");
+        self.servers.push(server);
+        eventually(
+            "the sentinels make the old primary a replica",
+            FAILOVER_TIMEOUT,
+            || async {
+                let info = cli(port, &["INFO", "replication"]).await?;
+                (field(&info, "role") == Some("slave")
+                    && field(&info, "master_link_status") == Some("up"))
+                .then_some(())
+            },
+        )
+        .await;
     }
 
     /// The port of the server started as the replica (the primary once
