@@ -163,7 +163,7 @@ async fn on_a_redis_cluster_a_primary_failover_and_worker_kills_lose_and_double_
         ("HOKUSAI__REDIS__URL", seed.as_str()),
         ("HOKUSAI__REDIS__MODE", "cluster"),
         ("HOKUSAI__REDIS__MIN_REPLICA_ACKS", "1"),
-        ("HOKUSAI__PIPELINE__CONCURRENCY", "2"),
+        ("HOKUSAI__PIPELINE__CONCURRENCY", "4"),
     ]);
     push_models(&client, "cl", n).await;
     let mut w: Daemon = stack.daemon("ha-cluster", &env, &[]);
@@ -214,7 +214,7 @@ async fn on_sentinel_a_primary_failover_and_worker_kills_lose_and_double_nothing
         ("HOKUSAI__REDIS__SENTINEL_ADDRESSES", sentinels.as_str()),
         ("HOKUSAI__REDIS__SENTINEL_SERVICE_NAME", SERVICE_NAME),
         ("HOKUSAI__REDIS__MIN_REPLICA_ACKS", "1"),
-        ("HOKUSAI__PIPELINE__CONCURRENCY", "2"),
+        ("HOKUSAI__PIPELINE__CONCURRENCY", "4"),
     ]);
     push_models(&client, "se", n).await;
     let mut w: Daemon = stack.daemon("ha-sentinel", &env, &[]);
