@@ -51,13 +51,6 @@ end
 return moved
 "#;
 
-/// Deletes the DLQ and returns how many entries it held, in one step.
-const PURGE_SCRIPT: &str = r#"
-local n = redis.call('LLEN', KEYS[1])
-redis.call('DEL', KEYS[1])
-return n
-"#;
-
 /// Which stored events `events replay` re-publishes.
 #[derive(Debug, Clone)]
 pub enum Replay {
@@ -324,10 +317,7 @@ impl Admin {
 
     /// Deletes every dead letter; returns how many there were.
     pub async fn dlq_purge(&self) -> Result<u64, QueueError> {
-        let n: u64 = self
-            .client
-            .eval(PURGE_SCRIPT, vec![self.q.dlq.clone()], Vec::<String>::new())
-            .await?;
+        let n = crate::queue::purge_list(&self.client, &self.q.dlq).await?;
         self.audit
             .record("dlq_purged", Fields::from([("count", n.to_string())]))
             .await;

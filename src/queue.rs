@@ -81,8 +81,8 @@ return moved
 /// Takes a model lock if it is free, ours, or held by a dead or restarted process.
 /// KEYS: lock, the heartbeat of the holder the caller saw (the lock itself when free).
 /// ARGV: owner ("worker|instance|seq"), ttl seconds, the holder the caller saw ("" for none).
-/// Every key it reads is declared, so it runs on a Redis Cluster; -1: the holder changed
-/// since the caller looked (it looks again).
+/// Every key it reads is declared, so it runs on a Redis Cluster; -1: the holder is not the
+/// one the caller named (it reads the holder and tries again).
 const LOCK_SCRIPT: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 if (cur or '') ~= ARGV[3] then return -1 end
@@ -468,11 +468,9 @@ impl Queues {
 
     /// Requeues what a previous process with our worker id left in our processing list.
     pub async fn recover_own(&self) -> Result<u64, QueueError> {
-        self.script(
+        timed(
             "requeue",
-            REQUEUE_SCRIPT,
-            vec![self.processing.clone(), self.inbound.clone()],
-            vec![],
+            move_all(&self.redis.commands, &self.processing, &self.inbound),
         )
         .await
     }
@@ -538,8 +536,10 @@ impl Queues {
         ttl_secs: u64,
     ) -> Result<bool, QueueError> {
         let lock = self.lock_key(model_id);
+        // First as if the lock were free (the usual case: one round trip); when the script
+        // finds a holder, read it so its heartbeat key can be declared, and try again.
+        let mut holder: Option<String> = None;
         for _ in 0..5 {
-            let holder: Option<String> = timed("lock", self.redis.commands.get(&lock)).await?;
             let heartbeat = holder
                 .as_deref()
                 .and_then(|h| h.split('|').next())
@@ -548,7 +548,7 @@ impl Queues {
             let args = vec![
                 owner.into(),
                 ttl_secs.to_string().into(),
-                holder.unwrap_or_default().into(),
+                holder.clone().unwrap_or_default().into(),
             ];
             let n: i64 = self
                 .script("lock", LOCK_SCRIPT, vec![lock.clone(), heartbeat], args)
@@ -556,6 +556,7 @@ impl Queues {
             if n >= 0 {
                 return Ok(n == 1);
             }
+            holder = timed("lock", self.redis.commands.get(&lock)).await?;
         }
         // The lock changed hands five times while we looked: someone is busy with it.
         Ok(false)
@@ -653,6 +654,29 @@ pub async fn sweep(
             SWEEP_SCRIPT,
             vec![processing.to_owned(), queue.to_owned()],
             args,
+        )
+        .await
+}
+
+/// Moves every item of `from` onto the consumer's end of `to` in one step ([`REQUEUE_SCRIPT`]):
+/// a processing list left by an earlier run goes back to its queue.
+pub async fn move_all(client: &Client, from: &str, to: &str) -> Result<u64, fred::error::Error> {
+    client
+        .eval(
+            REQUEUE_SCRIPT,
+            vec![from.to_owned(), to.to_owned()],
+            Vec::<String>::new(),
+        )
+        .await
+}
+
+/// Deletes a list and returns how many items it held, in one step (a dead-letter purge).
+pub async fn purge_list(client: &Client, key: &str) -> Result<u64, fred::error::Error> {
+    client
+        .eval(
+            "local n = redis.call('LLEN', KEYS[1]) redis.call('DEL', KEYS[1]) return n",
+            vec![key.to_owned()],
+            Vec::<String>::new(),
         )
         .await
 }

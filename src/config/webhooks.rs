@@ -241,28 +241,37 @@ const MIN_WEBHOOK_SECRET: usize = 32;
 impl Settings {
     pub(super) fn validate_webhooks(&self) -> Result<(), ConfigError> {
         let w = &self.webhooks;
-        for (key, secret) in [
-            ("webhooks.inbound_secret", &w.inbound_secret),
+        // Each pair: the secret, and the one being rotated out beside it.
+        for (key, secret, prev_key, previous) in [
             (
+                "webhooks.inbound_secret",
+                &w.inbound_secret,
                 "webhooks.inbound_secret_previous",
                 &w.inbound_secret_previous,
             ),
+            (
+                "webhooks.callback_secret",
+                &w.callback_secret,
+                "webhooks.callback_secret_previous",
+                &w.callback_secret_previous,
+            ),
         ] {
-            if secret
-                .as_ref()
-                .is_some_and(|s| s.expose().len() < MIN_WEBHOOK_SECRET)
-            {
+            for (k, s) in [(key, secret), (prev_key, previous)] {
+                if s.as_ref()
+                    .is_some_and(|s| s.expose().len() < MIN_WEBHOOK_SECRET)
+                {
+                    return Err(invalid(
+                        k,
+                        format!("must be at least {MIN_WEBHOOK_SECRET} characters"),
+                    ));
+                }
+            }
+            if previous.is_some() && secret.is_none() {
                 return Err(invalid(
-                    key,
-                    format!("must be at least {MIN_WEBHOOK_SECRET} characters"),
+                    prev_key,
+                    format!("needs {key} (the secret that replaces it)"),
                 ));
             }
-        }
-        if w.inbound_secret_previous.is_some() && w.inbound_secret.is_none() {
-            return Err(invalid(
-                "webhooks.inbound_secret_previous",
-                "needs webhooks.inbound_secret (the secret that replaces it)",
-            ));
         }
         // A replay answers from the deployment record, so the key must not outlive it.
         let record_secs = self.api.deployment_ttl_days.saturating_mul(86_400);
@@ -278,29 +287,6 @@ impl Settings {
             return Err(invalid(
                 "webhooks.timestamp_tolerance_secs",
                 "must be at least 1",
-            ));
-        }
-        for (key, secret) in [
-            ("webhooks.callback_secret", &w.callback_secret),
-            (
-                "webhooks.callback_secret_previous",
-                &w.callback_secret_previous,
-            ),
-        ] {
-            if secret
-                .as_ref()
-                .is_some_and(|s| s.expose().len() < MIN_WEBHOOK_SECRET)
-            {
-                return Err(invalid(
-                    key,
-                    format!("must be at least {MIN_WEBHOOK_SECRET} characters"),
-                ));
-            }
-        }
-        if w.callback_secret_previous.is_some() && w.callback_secret.is_none() {
-            return Err(invalid(
-                "webhooks.callback_secret_previous",
-                "needs webhooks.callback_secret (the secret that replaces it)",
             ));
         }
         let mut names = std::collections::BTreeSet::new();

@@ -29,13 +29,6 @@ end
 return #due
 "#;
 
-/// Moves every item of a list onto another (a restarted worker's processing list back to ready).
-const REQUEUE_SCRIPT: &str = r#"
-local n = 0
-while redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT') do n = n + 1 end
-return n
-"#;
-
 /// Moves the dead jobs whose job, event or deployment id is ARGV[1] (all when ARGV[1] is
 /// empty) back to the ready list with their attempts reset. KEYS: dead, ready.
 const REQUEUE_DEAD_SCRIPT: &str = r#"
@@ -54,13 +47,6 @@ for i = #items, 1, -1 do
   end
 end
 return moved
-"#;
-
-/// Deletes a list and returns how many items it held, in one step.
-const PURGE_SCRIPT: &str = r#"
-local n = redis.call('LLEN', KEYS[1])
-redis.call('DEL', KEYS[1])
-return n
 "#;
 
 /// The key names, from the state prefix.
@@ -193,14 +179,7 @@ impl Store {
     /// Returns to the ready list what an earlier process with our worker id was sending when it
     /// stopped: those jobs are sent again, unchanged.
     pub async fn recover_own(&self) -> Result<u64, QueueError> {
-        Ok(self
-            .client
-            .eval(
-                REQUEUE_SCRIPT,
-                vec![self.processing.clone(), self.keys.ready.clone()],
-                Vec::<String>::new(),
-            )
-            .await?)
+        Ok(crate::queue::move_all(&self.client, &self.processing, &self.keys.ready).await?)
     }
 
     pub async fn depths(&self) -> Result<Depths, QueueError> {
@@ -263,14 +242,7 @@ impl Store {
 
     /// Deletes every dead job.
     pub async fn purge(&self, audit: &Audit) -> Result<u64, QueueError> {
-        let n: u64 = self
-            .client
-            .eval(
-                PURGE_SCRIPT,
-                vec![self.keys.dead.clone()],
-                Vec::<String>::new(),
-            )
-            .await?;
+        let n = crate::queue::purge_list(&self.client, &self.keys.dead).await?;
         audit
             .record("webhook_purged", Fields::from([("count", n.to_string())]))
             .await;

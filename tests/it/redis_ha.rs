@@ -109,6 +109,16 @@ async fn pid_of(port: u16) -> u32 {
         .expect("INFO server has process_id")
 }
 
+/// Waits until the server on `port` is a replica with its link to the primary up.
+async fn synced_replica(port: u16, what: &str, within: Duration) {
+    eventually(what, within, || async {
+        let info = cli(port, &["INFO", "replication"]).await?;
+        (field(&info, "role") == Some("slave") && field(&info, "master_link_status") == Some("up"))
+            .then_some(())
+    })
+    .await;
+}
+
 /// Sends a signal (`"STOP"`, `"CONT"`, ...) to a process with `kill(1)`.
 pub(crate) fn signal(pid: u32, signal: &str) {
     let ok = std::process::Command::new("kill")
@@ -363,15 +373,10 @@ impl RedisCluster {
             .await
             .expect("the node starts again");
         self.nodes.push(node);
-        eventually(
+        synced_replica(
+            port,
             "the restarted node syncs as a replica",
             SETTLE_TIMEOUT,
-            || async {
-                let info = cli(port, &["INFO", "replication"]).await?;
-                (field(&info, "role") == Some("slave")
-                    && field(&info, "master_link_status") == Some("up"))
-                .then_some(())
-            },
         )
         .await;
     }
@@ -624,15 +629,10 @@ impl RedisSentinel {
                 .await
                 .expect("the old primary starts again");
         self.servers.push(server);
-        eventually(
+        synced_replica(
+            port,
             "the sentinels make the old primary a replica",
             FAILOVER_TIMEOUT,
-            || async {
-                let info = cli(port, &["INFO", "replication"]).await?;
-                (field(&info, "role") == Some("slave")
-                    && field(&info, "master_link_status") == Some("up"))
-                .then_some(())
-            },
         )
         .await;
     }
